@@ -1,0 +1,274 @@
+"""The `zstudio` command: parse, call the engine, print. Exit codes: 0 ok, 2 bad input, 1 anything else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .params import ASPECT_RATIOS, PRESETS, ParamError, resolve_size
+
+SIZE_NAMES = ", ".join([*PRESETS, *ASPECT_RATIOS])
+
+
+class CliError(click.ClickException):
+    """A one-line failure with its exit code (2 for bad input, 1 otherwise)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"zstudio: error: {self.format_message()}", err=True)
+
+
+def _run(action):
+    """Map the engine's exceptions to one line on stderr and the documented exit codes."""
+    from .models import ModelUnavailableError
+
+    try:
+        return action()
+    except ParamError as err:
+        raise CliError(str(err), exit_code=2) from None
+    except ModelUnavailableError as err:
+        raise CliError(str(err), exit_code=1) from None
+    except FileExistsError as err:
+        raise CliError(str(err), exit_code=2) from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted", exit_code=1) from None
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CliError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zstudio")
+@click.option("-v", "--verbose", is_flag=True, help="Log loading and timing details to stderr.")
+def main(verbose: bool) -> None:
+    """zstudio: run Tongyi-MAI's Z-Image-Turbo on your own machine."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="zstudio: %(message)s")
+
+
+def _size(size: str | None, preset: str | None, width: int | None, height: int | None) -> tuple[int, int]:
+    if sum(x is not None for x in (size, preset)) > 1 or ((size or preset) and (width or height)):
+        raise ParamError("size", "give one of --size, --preset, or --width/--height")
+    if size or preset:
+        return resolve_size(size or preset)
+    return width or 1024, height or 1024
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--negative", default="", help="Negative prompt (used when --cfg > 0).")
+@click.option("--size", help=f"WxH, or a preset / aspect ratio: {SIZE_NAMES}.")
+@click.option("--preset", help=f"Same as --size: {SIZE_NAMES}.")
+@click.option("--width", type=int, help="Width in pixels (multiple of 16, 256-2048).")
+@click.option("--height", type=int, help="Height in pixels (multiple of 16, 256-2048).")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's, 9 for Turbo).")
+@click.option("--cfg", type=float, help="Guidance scale, 0 = off (default: the model's, 0 for Turbo).")
+@click.option("--seed", type=int, default=-1, show_default=True, help="Seed; -1 picks one at random.")
+@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images to make (1-8).")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Prompt token limit.")
+@click.option("--format", "output_format", default="png", show_default=True, help="png, jpeg or webp.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [./outputs].")
+@click.option("--model", help="Hub id, diffusers folder, or 'tiny' [env ZSTUDIO_MODEL].")
+@click.option("--device", help="auto, cuda, cuda:N, mps or cpu [env ZSTUDIO_DEVICE].")
+@click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
+def generate(
+    prompt: str,
+    negative: str,
+    size,
+    preset,
+    width,
+    height,
+    steps,
+    cfg,
+    seed,
+    num_images,
+    max_tokens,
+    output_format,
+    out,
+    model,
+    device,
+    dtype,
+    as_json: bool,
+) -> None:
+    """Generate images from PROMPT and save them with their parameters embedded."""
+    from .engine import Generator
+    from .params import GenerationParams
+
+    def action():
+        w, h = _size(size, preset, width, height)
+        params = GenerationParams(
+            prompt=prompt,
+            negative_prompt=negative,
+            width=w,
+            height=h,
+            num_inference_steps=steps,
+            cfg_scale=cfg,
+            seed=seed,
+            num_images=num_images,
+            max_sequence_length=max_tokens,
+            output_format=output_format,
+        )
+        generator = Generator(model=model, device=device, dtype=dtype, outputs=out)
+        generator.resolve_source()
+        bar = None
+        if not as_json and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=params.num_inference_steps or generator.profile.num_inference_steps,
+                desc="denoising",
+                unit="step",
+                file=sys.stderr,
+                leave=False,
+            )
+        try:
+            result = generator.generate_images(params, progress=_bar_updater(bar))
+        finally:
+            if bar is not None:
+                bar.close()
+        return generator, result, generator.save(result)
+
+    generator, result, paths = _run(action)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "paths": [str(p) for p in paths],
+                    "seeds": result.seeds,
+                    "seconds": result.timings["total"],
+                    "timings": result.timings,
+                    "model": generator.info(),
+                    "metadata": result.metadata,
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    if generator.source is not None and generator.source.embedded:
+        click.echo("note: made with the embedded tiny checkpoint (random weights), not Z-Image", err=True)
+    for path, image_seed in zip(paths, result.seeds):
+        click.echo(f"{path}\tseed={image_seed}")
+    click.echo(f"{len(paths)} image(s) in {result.timings['total']:.2f} s", err=True)
+
+
+def _bar_updater(bar):
+    if bar is None:
+        return None
+
+    def update(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    return update
+
+
+@main.command()
+@click.option("--model", help="Hub id, diffusers folder, or 'tiny'; loads it to report on it.")
+@click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
+@click.option("--dtype", help="auto, bfloat16, float16 or float32.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model, device, dtype, as_json: bool) -> None:
+    """Show the device, dtype, free memory, model and library versions."""
+    import diffusers
+    import torch
+    import transformers
+
+    from .devices import free_memory_bytes
+    from .engine import Generator
+
+    def action() -> dict[str, Any]:
+        generator = Generator(model=model, device=device, dtype=dtype)
+        if model:
+            generator.resolve_source()
+        free = free_memory_bytes(generator.device)
+        data = generator.info()
+        data.update(
+            {
+                "free_memory_gb": round(free / 2**30, 2) if free is not None else None,
+                "gpu": torch.cuda.get_device_name(generator.device) if generator.device.type == "cuda" else None,
+                "versions": {
+                    "zstudio": __version__,
+                    "torch": torch.__version__,
+                    "diffusers": diffusers.__version__,
+                    "transformers": transformers.__version__,
+                    "python": sys.version.split()[0],
+                },
+            }
+        )
+        return data
+
+    data = _run(action)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        click.echo(f"{key:17} {value}")
+
+
+@main.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
+def make_tiny_command(directory: Path, seed: int, overwrite: bool) -> None:
+    """Write a tiny random Z-Image checkpoint in the real diffusers layout (for tests and offline use)."""
+    from .tiny import make_tiny
+
+    path = _run(lambda: make_tiny(directory, seed=seed, overwrite=overwrite))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    click.echo(f"{path}\t{size / 1e6:.1f} MB")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full JSON record.")
+def show(file: Path, as_json: bool) -> None:
+    """Print the generation parameters stored inside an image."""
+    from .outputs import read_metadata
+
+    meta = _run(lambda: read_metadata(file))
+    if as_json or "params" not in meta:
+        click.echo(json.dumps(meta, indent=2, ensure_ascii=False))
+        return
+    p = meta["params"]
+    click.echo(f"prompt           {p['prompt']}")
+    click.echo(f"negative_prompt  {p['negative_prompt']}")
+    click.echo(f"size             {p['width']}x{p['height']}")
+    click.echo(f"steps            {p['num_inference_steps']}")
+    click.echo(f"cfg_scale        {p['cfg_scale']}")
+    click.echo(f"seed             {p['seed']}")
+    click.echo(f"model            {meta['model']['name']}")
+    click.echo(f"device/dtype     {meta['device']} / {meta['dtype']}")
+    click.echo(f"seconds          {meta['seconds']}")
+    click.echo(f"software         {meta['software']}")
+    click.echo(
+        f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} "
+        f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
+        f"--seed {p['seed']}"
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--revision", help="Branch, tag or commit.")
+def download(model: str | None, revision: str | None) -> None:
+    """Download a model (default Tongyi-MAI/Z-Image-Turbo) into the Hugging Face cache."""
+    from .models import download as fetch
+    from .settings import DEFAULT_MODEL
+
+    path = _run(lambda: fetch(model or DEFAULT_MODEL, revision=revision))
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""The resident generator: load once, then validate → encode prompt → prepare latents → denoise → decode → save.
+
+The math of each step is diffusers' `ZImagePipeline`'s (tests hold us to its pixels); what we add is
+residency, validation, per-image seeds, skipped work (no padding of prompts to 512 tokens, cached
+prompt embeddings) and saving with metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import __version__, models
+from .devices import dtype_name, pick_device, pick_dtype
+from .outputs import save_image
+from .params import MAX_SEED, GenerationParams
+from .settings import DEFAULT_MODEL, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+PROMPT_CACHE_SIZE = 16
+
+
+class GenerationCancelled(Exception):
+    """Raise this from a progress callback to stop a generation at the next step."""
+
+
+@dataclass
+class PromptEmbedding:
+    embeds: torch.Tensor  # (tokens, hidden) on the device, in the text encoder's dtype
+    num_tokens: int
+    truncated: bool
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    params: GenerationParams  # resolved: defaults filled, seed = the first image's seed
+    metadata: list[dict[str, Any]]  # one record per image, as embedded in its file
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generator:
+    """One resident Z-Image pipeline; a lock lets one generation use the device at a time."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        outputs: str | Path | None = None,
+        settings: Settings | None = None,
+    ):
+        self.settings = settings or load_settings()
+        self.model_spec = model or self.settings.model
+        self.device = pick_device(device or self.settings.device)
+        self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
+        self.outputs = Path(outputs) if outputs is not None else self.settings.outputs
+        self.source: models.ModelSource | None = None
+        self.pipe = None
+        self.load_seconds: float | None = None
+        self._lock = threading.RLock()
+        self._prompt_cache: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
+
+    # ----------------------------------------------------------------------------------------- loading
+    def resolve_source(self) -> models.ModelSource:
+        """The model's folder; with no model chosen and the real weights unreachable, the embedded default."""
+        if self.source is None:
+            if self.model_spec:
+                self.source = models.resolve(self.model_spec, self.settings.cache_dir)
+            else:
+                try:
+                    self.source = models.resolve(DEFAULT_MODEL, self.settings.cache_dir)
+                except models.ModelUnavailableError as err:
+                    log.warning("%s. Running on the embedded tiny checkpoint instead (random weights: noise).", err)
+                    self.source = models.tiny_source(self.settings.cache_dir)
+        return self.source
+
+    def load(self) -> Generator:
+        """Load the weights onto the device once; later calls return at once."""
+        with self._lock:
+            if self.pipe is None:
+                source = self.resolve_source()
+                start = time.perf_counter()
+                self.pipe = models.load_pipeline(source, self.device, self.dtype)
+                self.load_seconds = time.perf_counter() - start
+                log.info(
+                    "loaded %s on %s (%s) in %.1f s",
+                    source.label,
+                    self.device,
+                    dtype_name(self.dtype),
+                    self.load_seconds,
+                )
+        return self
+
+    @property
+    def profile(self) -> models.Profile:
+        return self.resolve_source().profile
+
+    def info(self) -> dict[str, Any]:
+        source = self.source
+        return {
+            "model": source.label if source else self.model_spec or DEFAULT_MODEL,
+            "model_path": str(source.path) if source else None,
+            "embedded_default": bool(source and source.embedded),
+            "profile": source.profile.name if source else None,
+            "loaded": self.pipe is not None,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "outputs": str(self.outputs),
+        }
+
+    # -------------------------------------------------------------------------------------- public API
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 1024,
+        height: int = 1024,
+        num_inference_steps: int | None = None,
+        cfg_scale: float | None = None,
+        num_images: int = 1,
+        seed: int = -1,
+        max_sequence_length: int = 512,
+        output_format: str = "png",
+        progress: ProgressCallback | None = None,
+        output_dir: str | Path | None = None,
+        **extra: Any,
+    ) -> tuple[list[str], float, dict[str, Any]]:
+        """Generate and save; returns (output_paths, gen_time_seconds, metadata) as the earlier WebUI did."""
+        params = GenerationParams.from_dict(
+            dict(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=num_inference_steps,
+                cfg_scale=cfg_scale,
+                num_images=num_images,
+                seed=seed,
+                max_sequence_length=max_sequence_length,
+                output_format=output_format,
+                **extra,
+            )
+        )
+        result = self.generate_images(params, progress=progress)
+        paths = self.save(result, output_dir)
+        summary = {
+            "seeds": result.seeds,
+            "seed": result.seeds[0],
+            "params": result.params.to_dict(),
+            "timings": result.timings,
+            "images": result.metadata,
+        }
+        return [str(p) for p in paths], result.timings["total"], summary
+
+    def generate_images(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
+        """Generate without saving: PIL images, the seeds used and each image's metadata."""
+        self.load()
+        with self._lock, torch.inference_mode():
+            start = time.perf_counter()
+            params = params.with_defaults(self.profile.num_inference_steps, self.profile.cfg_scale)
+            seeds = self.pick_seeds(params)
+            params = params.replace(seed=seeds[0])
+            guided = params.cfg_scale > 0
+
+            cond = self.encode_prompt(params.prompt, params.max_sequence_length)
+            uncond = self.encode_prompt(params.negative_prompt, params.max_sequence_length) if guided else None
+            t_encoded = time.perf_counter()
+
+            latents = self.prepare_latents(seeds, params.height, params.width)
+            timesteps = self.prepare_timesteps(params.num_inference_steps, latents)
+            latents = self.denoise(latents, timesteps, cond, uncond, params, progress)
+            self._sync()
+            t_denoised = time.perf_counter()
+
+            images = self.decode(latents)
+            self._sync()
+            end = time.perf_counter()
+
+        timings = {
+            "encode": round(t_encoded - start, 4),
+            "denoise": round(t_denoised - t_encoded, 4),
+            "decode": round(end - t_denoised, 4),
+            "total": round(end - start, 4),
+        }
+        metadata = [self.image_metadata(params, seeds, i, cond, timings) for i in range(len(images))]
+        return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
+
+    def save(self, result: GenerationResult, output_dir: str | Path | None = None) -> list[Path]:
+        directory = Path(output_dir) if output_dir is not None else self.outputs
+        return [save_image(image, meta, directory) for image, meta in zip(result.images, result.metadata)]
+
+    # ------------------------------------------------------------------------------ generation steps
+    @staticmethod
+    def pick_seeds(params: GenerationParams) -> list[int]:
+        """Image i of a batch uses seed+i, so any one image can be re-made alone with its own seed."""
+        first = params.seed if params.seed != -1 else secrets.randbelow(MAX_SEED + 2 - params.num_images)
+        return [first + i for i in range(params.num_images)]
+
+    def encode_prompt(self, text: str, max_sequence_length: int) -> PromptEmbedding:
+        """Qwen3's second-to-last hidden states of the chat-wrapped prompt, without padding.
+
+        diffusers pads every prompt to `max_sequence_length` and then drops the padding; under the causal
+        mask right padding cannot change the kept states, so we skip it (tests prove the equality).
+        """
+        key = (text, max_sequence_length)
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        tokenizer = self.pipe.tokenizer
+        wrapped = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        full_ids = tokenizer(wrapped, truncation=False).input_ids
+        ids = full_ids[:max_sequence_length]
+        input_ids = torch.tensor([ids], device=self.device)
+        hidden = self.pipe.text_encoder(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids, dtype=torch.bool),
+            output_hidden_states=True,
+        ).hidden_states[-2][0]
+        embedding = PromptEmbedding(hidden, num_tokens=len(ids), truncated=len(full_ids) > max_sequence_length)
+        self._prompt_cache[key] = embedding
+        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return embedding
+
+    def prepare_latents(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """Float32 noise drawn on the CPU from each image's own seed: the same on every device."""
+        scale = self.pipe.vae_scale_factor * 2
+        shape = (1, self.pipe.transformer.config.in_channels, 2 * (height // scale), 2 * (width // scale))
+        noise = [
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds
+        ]
+        return torch.cat(noise).to(self.device)
+
+    def prepare_timesteps(self, num_inference_steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's sigma schedule: linear from 1 to 1/N, shifted by the scheduler (shift 3 for Turbo)."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+        scheduler = self.pipe.scheduler
+        config = scheduler.config
+        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler.timesteps
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: PromptEmbedding,
+        uncond: PromptEmbedding | None,
+        params: GenerationParams,
+        progress: ProgressCallback | None = None,
+    ) -> torch.Tensor:
+        """Euler flow-matching steps; with cfg > 0 the negative prompt runs in the same batch."""
+        transformer = self.pipe.transformer
+        batch = latents.shape[0]
+        t_norms = ((1000 - timesteps.float()) / 1000).tolist()
+        for i, t in enumerate(timesteps):
+            guidance = params.cfg_scale if t_norms[i] <= params.cfg_truncation else 0.0
+            model_latents = latents.to(transformer.dtype).unsqueeze(2)
+            embeds = [cond.embeds] * batch
+            timestep = (1000 - t.expand(batch)) / 1000
+            if uncond is not None and guidance > 0:
+                model_latents = model_latents.repeat(2, 1, 1, 1, 1)
+                embeds = embeds + [uncond.embeds] * batch
+                timestep = timestep.repeat(2)
+            out = transformer(list(model_latents.unbind(0)), timestep, embeds, return_dict=False)[0]
+            velocity = torch.stack([o.float() for o in out]).squeeze(2)
+            if uncond is not None and guidance > 0:
+                velocity = self.apply_guidance(velocity[:batch], velocity[batch:], guidance, params.cfg_normalization)
+            latents = self.pipe.scheduler.step(-velocity, t, latents, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+        return latents
+
+    @staticmethod
+    def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: float) -> torch.Tensor:
+        """Z-Image's CFG: pos + scale·(pos − neg), optionally capping each image's norm at `normalization`·|pos|."""
+        pred = pos + scale * (pos - neg)
+        if normalization > 0:
+            pos_norm = torch.linalg.vector_norm(pos.flatten(1), dim=1)
+            pred_norm = torch.linalg.vector_norm(pred.flatten(1), dim=1)
+            limit = pos_norm * normalization
+            factor = torch.where(pred_norm > limit, limit / pred_norm, torch.ones_like(pred_norm))
+            pred = pred * factor.view(-1, *([1] * (pred.dim() - 1)))
+        return pred
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def image_metadata(
+        self, params: GenerationParams, seeds: list[int], index: int, cond: PromptEmbedding, timings: dict
+    ) -> dict[str, Any]:
+        """Everything needed to re-make image `index` alone: its own seed with num_images = 1."""
+        source = self.resolve_source()
+        scheduler = self.pipe.scheduler
+        return {
+            "software": f"zstudio {__version__}",
+            "model": {
+                "name": source.label,
+                "spec": source.spec,
+                "path": str(source.path),
+                "revision": source.revision,
+                "profile": source.profile.name,
+            },
+            "params": params.replace(seed=seeds[index], num_images=1).to_dict(),
+            "batch": {"index": index, "size": len(seeds), "seeds": seeds},
+            "scheduler": {
+                "name": type(scheduler).__name__,
+                "shift": float(scheduler.config.get("shift", 1.0)),
+            },
+            "prompt_tokens": cond.num_tokens,
+            "prompt_truncated": cond.truncated,
+            "dtype": dtype_name(self.dtype),
+            "device": str(self.device),
+            "seconds": timings["total"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+_generator: Generator | None = None
+_generator_lock = threading.Lock()
+
+
+def get_generator(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    outputs: str | Path | None = None,
+) -> Generator:
+    """The process-wide generator, created on first use; asking for another model or device replaces it."""
+    global _generator
+    with _generator_lock:
+        wanted = (model, device, dtype, outputs)
+        if _generator is None or (any(w is not None for w in wanted) and not _matches(_generator, *wanted)):
+            _generator = Generator(model=model, device=device, dtype=dtype, outputs=outputs)
+        return _generator
+
+
+def _matches(gen: Generator, model, device, dtype, outputs) -> bool:
+    return (
+        (model is None or model == gen.model_spec)
+        and (device is None or pick_device(device) == gen.device)
+        and (dtype is None or pick_dtype(dtype, gen.device) == gen.dtype)
+        and (outputs is None or Path(outputs) == gen.outputs)
+    )

@@ -1,0 +1,105 @@
+"""Writing results: unique `outputs_YYYYMMDDHHMMSS*.png` names, atomic writes, parameters inside each file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+JSON_KEY = "zstudio"  # PNG text chunk holding the full JSON record
+A1111_KEY = "parameters"  # PNG text chunk in the format other tools (A1111, ComfyUI readers, civitai) read
+EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_USER_COMMENT = 0x9286
+USER_COMMENT_UNICODE = b"UNICODE\x00"
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+
+def a1111_text(meta: dict[str, Any]) -> str:
+    """The `parameters` text other tools parse: prompt, negative, then one line of `Key: value` pairs."""
+    p = meta["params"]
+    fields = {
+        "Steps": p["num_inference_steps"],
+        "Sampler": "Euler",
+        "Schedule type": f"FlowMatch shift {meta['scheduler']['shift']:g}",
+        "CFG scale": p["cfg_scale"],
+        "Seed": p["seed"],
+        "Size": f"{p['width']}x{p['height']}",
+        "Model": meta["model"]["name"],
+        "Version": meta["software"],
+    }
+    line = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\n{line}"
+
+
+def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:
+    """Serialise the picture with its parameters embedded (PNG text chunks, or EXIF for JPEG/WebP)."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(A1111_KEY, a1111_text(meta))
+        info.add_itxt(JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        # EXIF text is ASCII: the JSON escapes the rest; UserComment carries UTF-16 as A1111 writes it.
+        exif = Image.Exif()
+        exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(meta, ensure_ascii=True, sort_keys=True)
+        exif[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + a1111_text(meta).encode("utf-16-be")
+        image.convert("RGB").save(buffer, format=fmt.upper(), quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def save_image(image: Image.Image, meta: dict[str, Any], directory: Path) -> Path:
+    """Write atomically under a new unique name: a crash never leaves a partial file under that name.
+
+    The format is the one recorded in the metadata (`params.output_format`), so file and record agree.
+    """
+    fmt = meta["params"]["output_format"]
+    directory.mkdir(parents=True, exist_ok=True)
+    data = encode_image(image, meta, fmt)
+    fd, tmp_name = tempfile.mkstemp(prefix=".outputs_", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return _link_unique(Path(tmp_name), directory, EXTENSIONS[fmt])
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def _link_unique(tmp: Path, directory: Path, ext: str) -> Path:
+    """Give the finished file its final name; os.link fails rather than overwrite, so names never collide."""
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for n in range(100_000):
+        candidate = directory / (f"outputs_{stamp}{ext}" if n == 0 else f"outputs_{stamp}_{n}{ext}")
+        try:
+            os.link(tmp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free output name for outputs_{stamp}{ext} in {directory}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON record written by `save_image`, or the A1111 text alone for files made by other tools."""
+    with Image.open(path) as image:
+        image.load()
+        text = dict(getattr(image, "text", {}) or {})
+        if JSON_KEY not in text:
+            exif = image.getexif()
+            if EXIF_IMAGE_DESCRIPTION in exif:
+                text[JSON_KEY] = exif[EXIF_IMAGE_DESCRIPTION]
+            comment = exif.get(EXIF_USER_COMMENT)
+            if isinstance(comment, bytes) and comment.startswith(USER_COMMENT_UNICODE):
+                text[A1111_KEY] = comment[len(USER_COMMENT_UNICODE) :].decode("utf-16-be")
+    if JSON_KEY in text:
+        return json.loads(text[JSON_KEY])
+    if A1111_KEY in text:
+        return {A1111_KEY: text[A1111_KEY]}
+    raise ValueError(f"{path} carries no generation parameters")

@@ -1,0 +1,41 @@
+"""Environment variables, read in exactly this one place.
+
+| variable          | meaning                                                        | default                     |
+|-------------------|----------------------------------------------------------------|-----------------------------|
+| ZSTUDIO_MODEL     | hub id, local diffusers folder, or `tiny`                      | Tongyi-MAI/Z-Image-Turbo    |
+| ZSTUDIO_OUTPUTS   | folder that receives generated images                          | ./outputs                   |
+| ZSTUDIO_DEVICE    | auto, cuda, cuda:N, mps or cpu                                 | auto                        |
+| ZSTUDIO_DTYPE     | auto, bfloat16, float16 or float32                             | auto                        |
+| ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None
+    outputs: Path
+    device: str
+    dtype: str
+    cache_dir: Path
+
+
+def load_settings() -> Settings:
+    """Read the environment now (not at import), so tests and front ends can set it first."""
+    cache = os.environ.get("ZSTUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zstudio"
+    )
+    return Settings(
+        model=os.environ.get("ZSTUDIO_MODEL") or None,
+        outputs=Path(os.environ.get("ZSTUDIO_OUTPUTS") or "outputs"),
+        device=os.environ.get("ZSTUDIO_DEVICE") or "auto",
+        dtype=os.environ.get("ZSTUDIO_DTYPE") or "auto",
+        cache_dir=Path(cache),
+    )

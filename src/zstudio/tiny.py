@@ -1,0 +1,160 @@
+"""`make-tiny`: a complete, tiny, randomly initialised Z-Image checkpoint in the real diffusers layout.
+
+Every test loads it through the same `from_pretrained` code as the real 33 GB model, so the loading,
+encoding, sampling and decoding paths are exercised for real, only at a few MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+# Qwen's chat template, reduced to what the pipeline uses: one user turn, then the assistant's opening,
+# with the `enable_thinking` switch that Qwen3 templates carry.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TOKENIZER_VOCAB_SIZE = 1024
+TEXT_HIDDEN = 32
+
+
+def corpus_lines() -> list[str]:
+    text = resources.files("zstudio").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def build_tokenizer():
+    """Train a small byte-level BPE with Qwen2's normaliser and pre-tokeniser, wrapped as `Qwen2Tokenizer`."""
+    from tokenizers import Tokenizer, trainers
+    from transformers import Qwen2Tokenizer
+
+    template = Qwen2Tokenizer()  # empty vocab; carries Qwen2's normaliser, pre-tokeniser and decoder
+    backend: Tokenizer = template.backend_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=_byte_alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus_lines(), trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel.alphabet()
+
+
+def build_components(seed: int = 0) -> dict:
+    """The five pipeline components, each initialised from `seed` alone."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tokenizer()
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=TEXT_HIDDEN,
+        axes_dims=[8, 4, 4],
+        axes_lens=[1024, 512, 512],
+    )
+    with torch.no_grad():  # created with torch.empty upstream: give them defined values
+        transformer.x_pad_token.normal_(0.0, 0.02)
+        transformer.cap_pad_token.normal_(0.0, 0.02)
+
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[16, 16, 32, 32],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=256,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            rope_theta=1_000_000.0,
+        )
+    )
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def make_tiny(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny checkpoint to `directory` atomically (built aside, then renamed into place)."""
+    from diffusers import ZImagePipeline
+
+    from .models import quiet_loading
+
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True or pick another folder")
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        pipe = ZImagePipeline(**build_components(seed))
+        with quiet_loading():
+            pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "zstudio.json").write_text(
+            json.dumps({"name": "zstudio-tiny", "seed": seed, "profile": "turbo"}, indent=2) + "\n"
+        )
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
