@@ -78,6 +78,7 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--model", help="Hub id, diffusers folder, or 'tiny' [env ZSTUDIO_MODEL].")
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu [env ZSTUDIO_DEVICE].")
 @click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
+@click.option("--speed", help="auto, eager, exact, fast or fastest (fp8, approximate) [env ZSTUDIO_SPEED].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
 def generate(
     prompt: str,
@@ -96,6 +97,7 @@ def generate(
     model,
     device,
     dtype,
+    speed,
     as_json: bool,
 ) -> None:
     """Generate images from PROMPT and save them with their parameters embedded."""
@@ -116,7 +118,7 @@ def generate(
             max_sequence_length=max_tokens,
             output_format=output_format,
         )
-        generator = Generator(model=model, device=device, dtype=dtype, outputs=out)
+        generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed)
         generator.resolve_source()
         bar = None
         if not as_json and sys.stderr.isatty():
@@ -268,6 +270,15 @@ def download(model: str | None, revision: str | None) -> None:
 
     path = _run(lambda: fetch(model or DEFAULT_MODEL, revision=revision))
     click.echo(str(path))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """GPU benchmark: diffusers vs zstudio's speed modes (full-size random weights). `zstudio bench --help`."""
+    from .bench.run import main as bench_main
+
+    bench_main(ctx.args)
 
 
 if __name__ == "__main__":

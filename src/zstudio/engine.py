@@ -25,6 +25,7 @@ from .devices import dtype_name, pick_device, pick_dtype
 from .outputs import save_image
 from .params import MAX_SEED, GenerationParams
 from .settings import DEFAULT_MODEL, Settings, load_settings
+from .speed import apply_speed, choose_speed
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Generator:
         device: str | None = None,
         dtype: str | None = None,
         outputs: str | Path | None = None,
+        speed: str | None = None,
         settings: Settings | None = None,
     ):
         self.settings = settings or load_settings()
@@ -68,6 +70,10 @@ class Generator:
         self.device = pick_device(device or self.settings.device)
         self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
         self.outputs = Path(outputs) if outputs is not None else self.settings.outputs
+        requested_speed = speed or self.settings.speed
+        self.speed, speed_note = choose_speed(requested_speed, self.device)
+        if speed_note:
+            log.log(logging.INFO if requested_speed == "auto" else logging.WARNING, speed_note)
         self.source: models.ModelSource | None = None
         self.pipe = None
         self.load_seconds: float | None = None
@@ -94,16 +100,34 @@ class Generator:
             if self.pipe is None:
                 source = self.resolve_source()
                 start = time.perf_counter()
-                self.pipe = models.load_pipeline(source, self.device, self.dtype)
+                pipe = models.load_pipeline(source, self.device, self.dtype)
+                apply_speed(pipe, self.speed)
+                self.pipe = pipe
                 self.load_seconds = time.perf_counter() - start
                 log.info(
-                    "loaded %s on %s (%s) in %.1f s",
+                    "loaded %s on %s (%s, speed %s) in %.1f s",
                     source.label,
                     self.device,
                     dtype_name(self.dtype),
+                    self.speed,
                     self.load_seconds,
                 )
         return self
+
+    @classmethod
+    def from_pipeline(cls, pipe, source: models.ModelSource, speed: str = "eager", **kwargs: Any) -> Generator:
+        """Wrap components already in memory (the benchmark's random full-size model, say) without loading."""
+        generator = cls(
+            model=str(source.path),
+            device=str(pipe.transformer.device),
+            dtype=dtype_name(pipe.transformer.dtype),
+            speed=speed,
+            **kwargs,
+        )
+        generator.source = source
+        apply_speed(pipe, generator.speed)
+        generator.pipe = pipe
+        return generator
 
     @property
     def profile(self) -> models.Profile:
@@ -119,6 +143,7 @@ class Generator:
             "loaded": self.pipe is not None,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            "speed": self.speed,
             "outputs": str(self.outputs),
         }
 
@@ -344,6 +369,7 @@ class Generator:
             "prompt_truncated": cond.truncated,
             "dtype": dtype_name(self.dtype),
             "device": str(self.device),
+            "speed": self.speed,
             "seconds": timings["total"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -362,20 +388,22 @@ def get_generator(
     device: str | None = None,
     dtype: str | None = None,
     outputs: str | Path | None = None,
+    speed: str | None = None,
 ) -> Generator:
     """The process-wide generator, created on first use; asking for another model or device replaces it."""
     global _generator
     with _generator_lock:
-        wanted = (model, device, dtype, outputs)
+        wanted = (model, device, dtype, outputs, speed)
         if _generator is None or (any(w is not None for w in wanted) and not _matches(_generator, *wanted)):
-            _generator = Generator(model=model, device=device, dtype=dtype, outputs=outputs)
+            _generator = Generator(model=model, device=device, dtype=dtype, outputs=outputs, speed=speed)
         return _generator
 
 
-def _matches(gen: Generator, model, device, dtype, outputs) -> bool:
+def _matches(gen: Generator, model, device, dtype, outputs, speed) -> bool:
     return (
         (model is None or model == gen.model_spec)
         and (device is None or pick_device(device) == gen.device)
         and (dtype is None or pick_dtype(dtype, gen.device) == gen.dtype)
         and (outputs is None or Path(outputs) == gen.outputs)
+        and (speed is None or choose_speed(speed, gen.device)[0] == gen.speed)
     )

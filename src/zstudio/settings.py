@@ -6,6 +6,7 @@
 | ZSTUDIO_OUTPUTS   | folder that receives generated images                          | ./outputs                   |
 | ZSTUDIO_DEVICE    | auto, cuda, cuda:N, mps or cpu                                 | auto                        |
 | ZSTUDIO_DTYPE     | auto, bfloat16, float16 or float32                             | auto                        |
+| ZSTUDIO_SPEED     | auto, eager, exact, fast or fastest (see zstudio.speed)        | auto                        |
 | ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
 """
 
@@ -24,6 +25,7 @@ class Settings:
     outputs: Path
     device: str
     dtype: str
+    speed: str
     cache_dir: Path
 
 
@@ -37,5 +39,6 @@ def load_settings() -> Settings:
         outputs=Path(os.environ.get("ZSTUDIO_OUTPUTS") or "outputs"),
         device=os.environ.get("ZSTUDIO_DEVICE") or "auto",
         dtype=os.environ.get("ZSTUDIO_DTYPE") or "auto",
+        speed=os.environ.get("ZSTUDIO_SPEED") or "auto",
         cache_dir=Path(cache),
     )

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL
+from zstudio import GenerationParams, Generator
+from zstudio.params import ParamError
+from zstudio.speed import choose_speed, fp8
+from zstudio.speed.attention import FastZImageAttnProcessor, rotate
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_rotate_equals_the_complex_product():
+    x = torch.randn(2, 7, 3, 16)
+    angles = torch.rand(2, 7, 8) * 6.28
+    freqs_complex = torch.polar(torch.ones_like(angles), angles)
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 7, 3, 8, 2)) * freqs_complex.unsqueeze(2))
+    got = rotate(x, torch.view_as_real(freqs_complex))
+    torch.testing.assert_close(got, expected.flatten(3), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_exact_on_cpu_and_fast_on_cuda():
+    assert choose_speed("auto", CPU) == ("exact", choose_speed("auto", CPU)[1])
+    assert choose_speed("auto", CUDA) == ("fast", "")
+    assert choose_speed("eager", CPU) == ("eager", "")
+
+
+def test_gpu_only_modes_fall_back_on_cpu_with_a_reason():
+    mode, why = choose_speed("fastest", CPU)
+    assert mode == "exact" and "CUDA GPU" in why
+
+
+def test_fastest_falls_back_where_fp8_is_missing(monkeypatch):
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: (False, "compute capability 8.9 or newer"))
+    mode, why = choose_speed("fastest", CUDA)
+    assert mode == "fast" and "8.9" in why
+
+
+def test_unknown_speed_is_bad_input():
+    with pytest.raises(ParamError, match="speed: 'ludicrous' is not one of auto, eager, exact, fast, fastest"):
+        choose_speed("ludicrous", CPU)
+
+
+def test_exact_mode_draws_the_same_pixels_as_eager(tiny_dir, generator):
+    eager = Generator(model=str(tiny_dir), device="cpu", speed="eager").load()
+    assert generator.speed == "exact"
+    attentions = [m for m in generator.pipe.transformer.modules() if hasattr(m, "processor")]
+    processors = {type(m.processor) for m in attentions}
+    assert processors == {FastZImageAttnProcessor}
+    params = GenerationParams(
+        prompt="a red circle", negative_prompt="blue", **SMALL, num_inference_steps=3, cfg_scale=2.0, seed=8
+    )
+    fast_image = np.asarray(generator.generate_images(params).images[0]).astype(int)
+    eager_image = np.asarray(eager.generate_images(params).images[0]).astype(int)
+    assert np.abs(fast_image - eager_image).max() <= 1
