@@ -54,3 +54,16 @@ def test_exact_mode_draws_the_same_pixels_as_eager(tiny_dir, generator):
     fast_image = np.asarray(generator.generate_images(params).images[0]).astype(int)
     eager_image = np.asarray(eager.generate_images(params).images[0]).astype(int)
     assert np.abs(fast_image - eager_image).max() <= 1
+
+
+def test_bucket_padding_keeps_the_prompt_states(generator):
+    """Right padding to a bucket length under the causal mask leaves the kept hidden states unchanged."""
+    from zstudio.speed.text_encoder import TokenEncoder
+
+    tokenizer, text_encoder = generator.pipe.tokenizer, generator.pipe.text_encoder
+    ids = tokenizer("a red circle on a blue background, 蓝色背景上的红色圆形").input_ids
+    plain = TokenEncoder(text_encoder)
+    bucketed = TokenEncoder(text_encoder, pad_id=tokenizer.pad_token_id, buckets=(64, 128))
+    assert bucketed.padded_length(len(ids)) == 64 > len(ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(bucketed(ids), plain(ids), rtol=1e-4, atol=1e-5)

@@ -76,6 +76,7 @@ class Generator:
             log.log(logging.INFO if requested_speed == "auto" else logging.WARNING, speed_note)
         self.source: models.ModelSource | None = None
         self.pipe = None
+        self.token_encoder = None
         self.load_seconds: float | None = None
         self._lock = threading.RLock()
         self._prompt_cache: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
@@ -101,7 +102,7 @@ class Generator:
                 source = self.resolve_source()
                 start = time.perf_counter()
                 pipe = models.load_pipeline(source, self.device, self.dtype)
-                apply_speed(pipe, self.speed)
+                self.token_encoder = apply_speed(pipe, self.speed)
                 self.pipe = pipe
                 self.load_seconds = time.perf_counter() - start
                 log.info(
@@ -125,7 +126,7 @@ class Generator:
             **kwargs,
         )
         generator.source = source
-        apply_speed(pipe, generator.speed)
+        generator.token_encoder = apply_speed(pipe, generator.speed)
         generator.pipe = pipe
         return generator
 
@@ -239,7 +240,8 @@ class Generator:
         """Qwen3's second-to-last hidden states of the chat-wrapped prompt, without padding.
 
         diffusers pads every prompt to `max_sequence_length` and then drops the padding; under the causal
-        mask right padding cannot change the kept states, so we skip it (tests prove the equality).
+        mask right padding cannot change the kept states, so we skip it, or pad only to a bucket length in the
+        CUDA-graph modes (tests prove both equalities). Repeated prompts come from a small cache.
         """
         key = (text, max_sequence_length)
         if key in self._prompt_cache:
@@ -254,12 +256,7 @@ class Generator:
         )
         full_ids = tokenizer(wrapped, truncation=False).input_ids
         ids = full_ids[:max_sequence_length]
-        input_ids = torch.tensor([ids], device=self.device)
-        hidden = self.pipe.text_encoder(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids, dtype=torch.bool),
-            output_hidden_states=True,
-        ).hidden_states[-2][0]
+        hidden = self.token_encoder(ids)
         embedding = PromptEmbedding(hidden, num_tokens=len(ids), truncated=len(full_ids) > max_sequence_length)
         self._prompt_cache[key] = embedding
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:

@@ -3,8 +3,9 @@
 | mode    | what it does                                                              | output            |
 |---------|---------------------------------------------------------------------------|-------------------|
 | eager   | diffusers' modules as loaded                                              | reference         |
-| exact   | real-valued RoPE + preferred SDPA backend (cuDNN on Hopper), no compile   | within fp rounding|
-| fast    | exact + torch.compile of the transformer blocks and the VAE decoder       | within bf16 noise |
+| exact   | preferred SDPA backend (cuDNN on Hopper), no compile                      | within fp rounding|
+| fast    | exact + real-valued RoPE, torch.compile of the transformer blocks and the | within bf16 noise |
+|         | VAE decoder, text encoder padded to 4 bucket lengths and run as CUDA graphs |                 |
 | fastest | fast + float8 matmuls in the transformer (torchao), Hopper/Ada GPUs       | approximate       |
 """
 
@@ -43,13 +44,15 @@ def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
     return requested, ""
 
 
-def apply_speed(pipe, mode: str) -> None:
-    """Install the mode's techniques on a loaded pipeline (once, before the first generation)."""
+def apply_speed(pipe, mode: str):
+    """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use."""
+    from .text_encoder import BUCKETS, TokenEncoder
+
     if mode == "eager":
-        return
+        return TokenEncoder(pipe.text_encoder)
     from .attention import use_fast_attention
 
-    use_fast_attention(pipe.transformer)
+    use_fast_attention(pipe.transformer, real_rope=mode in ("fast", "fastest"))
     if mode == "fastest":
         from .fp8 import quantize_fp8
 
@@ -59,3 +62,6 @@ def apply_speed(pipe, mode: str) -> None:
 
         compile_transformer(pipe.transformer)
         compile_vae_decoder(pipe.vae)
+        pad_id = pipe.tokenizer.pad_token_id or 0
+        return TokenEncoder(pipe.text_encoder, pad_id=pad_id, buckets=BUCKETS, graphs=True)
+    return TokenEncoder(pipe.text_encoder)

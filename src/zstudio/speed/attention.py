@@ -1,4 +1,4 @@
-"""Attention with a real-valued rotary embedding and the fastest SDPA backend the GPU has.
+"""Attention with the fastest SDPA backend the GPU has, and a real-valued rotary embedding for the compiler.
 
 diffusers' Z-Image processor applies RoPE through complex numbers, which torch.compile cannot generate code for,
 and leaves SDPA's backend choice to the default order (flash before cuDNN). Here the rotary tables are kept as
@@ -38,6 +38,12 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def rotate_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """diffusers' own rotation: fewer kernels in eager mode, but the compiler cannot generate code for it."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs.unsqueeze(2)
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
 class RealRopeEmbedder:
     """Drop-in for diffusers' RopeEmbedder that returns (cos, sin) tables instead of complex ones."""
 
@@ -71,7 +77,8 @@ class FastZImageAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if freqs_cis is not None:
-            query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
+            rope = rotate_complex if freqs_cis.is_complex() else rotate
+            query, key = rope(query, freqs_cis), rope(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         with _backend_context():
@@ -82,11 +89,12 @@ class FastZImageAttnProcessor:
         return attn.to_out[0](out)
 
 
-def use_fast_attention(transformer) -> None:
-    """Swap in the real-valued RoPE and the backend-preferring processor on every attention layer."""
+def use_fast_attention(transformer, real_rope: bool = True) -> None:
+    """Swap in the backend-preferring processor on every attention layer, and the real-valued RoPE if asked."""
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
-    transformer.rope_embedder = RealRopeEmbedder(transformer.rope_embedder)
+    if real_rope and not isinstance(transformer.rope_embedder, RealRopeEmbedder):
+        transformer.rope_embedder = RealRopeEmbedder(transformer.rope_embedder)
     processor = FastZImageAttnProcessor()
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
