@@ -2,8 +2,10 @@
 
 The whole transformer is compiled, not just its repeated blocks: at 512x512 the patchify, RoPE lookup and
 padding code between the blocks costs as much as the blocks' fused elementwise work saves (measured: regional
-0.305 s vs whole-model 0.266 s on the H100, docs/perf-notes.md). Shapes are static: one graph per resolution and
-prompt-length bucket, kept in the compiler's on-disk caches so later starts skip most of the work.
+0.305 s vs whole-model 0.266 s on the H100, docs/perf-notes.md). Shapes are left to the compiler's automatic
+dynamic mode: the first resolution compiles a static graph, the second a graph with symbolic sizes that then serves
+every resolution and prompt length (prompt lengths vary with every prompt: static graphs would recompile for each).
+The compiler's on-disk caches let later starts skip most of the work.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 
 def compile_transformer(transformer) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    transformer.compile(dynamic=False)
+    transformer.compile()
 
 
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile(dynamic=False)
+    vae.decoder.compile()
