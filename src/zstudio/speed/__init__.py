@@ -58,9 +58,9 @@ def apply_speed(pipe, mode: str):
 
         quantize_fp8(pipe.transformer)
     if mode in ("fast", "fastest"):
-        from .compile import compile_transformer, compile_vae_decoder
+        from .compile import compile_blocks, compile_transformer, compile_vae_decoder
 
-        compile_transformer(pipe.transformer)
+        (compile_blocks if mode == "fastest" else compile_transformer)(pipe.transformer)
         compile_vae_decoder(pipe.vae)
         pad_id = pipe.tokenizer.pad_token_id or 0
         return TokenEncoder(pipe.text_encoder, pad_id=pad_id, buckets=BUCKETS, graphs=True)

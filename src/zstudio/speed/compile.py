@@ -18,6 +18,13 @@ def compile_transformer(transformer) -> None:
     transformer.compile()
 
 
+def compile_blocks(transformer) -> None:
+    """Regional compilation: one compiled block reused by all 34. Used with float8 weights, where compiling the whole
+    model did not finish its first 1024x1024 call within 8 minutes on the H100 (blocks alone: 120 s)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    transformer.compile_repeated_blocks(fullgraph=True)
+
+
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
     vae.decoder.compile()
