@@ -6,7 +6,7 @@
 | exact   | preferred SDPA backend (cuDNN on Hopper), no compile                      | within fp rounding|
 | fast    | exact + real-valued RoPE, torch.compile of the transformer blocks and the | within bf16 noise |
 |         | VAE decoder, text encoder padded to 4 bucket lengths and run as CUDA graphs |                 |
-| fastest | fast + float8 matmuls in the transformer (torchao), Hopper/Ada GPUs       | approximate       |
+| fastest | fp8 matmuls (torchao) + compiled blocks, Hopper/Ada; EXPERIMENTAL       | approximate       |
 """
 
 from __future__ import annotations
