@@ -272,6 +272,23 @@ def download(model: str | None, revision: str | None) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --token.")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--model", help="Hub id, diffusers folder, or 'tiny' [env ZSTUDIO_MODEL].")
+@click.option("--outputs", type=click.Path(file_okay=False, path_type=Path), help="Output folder [./outputs].")
+@click.option("--token", envvar="ZSTUDIO_TOKEN", help="API/UI token [env ZSTUDIO_TOKEN]; required off loopback.")
+@click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
+@click.option("--speed", help="auto, eager, exact, fast or fastest.")
+def serve(host, port, model, outputs, token, device, speed) -> None:
+    """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""
+    from .server.app import serve as run_server
+
+    _run(
+        lambda: run_server(host=host, port=port, model=model, outputs=outputs, token=token, device=device, speed=speed)
+    )
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def bench(ctx: click.Context) -> None:

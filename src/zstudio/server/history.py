@@ -65,9 +65,9 @@ class History:
             )
 
     def update(self, job_id: str, **fields: Any) -> None:
-        for key in ("outputs", "seeds"):
+        for key in ("outputs", "seeds", "params"):
             if key in fields:
-                fields[key] = json.dumps(fields[key])
+                fields[key] = json.dumps(fields[key], ensure_ascii=False)
         assignments = ", ".join(f"{k} = ?" for k in fields)
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))

@@ -78,8 +78,12 @@ class JobQueue:
         """Jobs the last process left behind: queued ones run again; running ones failed (they may have crashed it)."""
         queued, running = self.history.interrupted()
         for record in running:
-            self.history.update(record["id"], status="failed", finished=time.time(),
-                                error="interrupted: the server stopped while this job was running")  # fmt: skip
+            self.history.update(
+                record["id"],
+                status="failed",
+                finished=time.time(),
+                error="interrupted: the server stopped while this job was running",
+            )
         for record in queued:
             params = GenerationParams.from_dict(record["params"])
             job = Job(id=record["id"], params=params, total_steps=record["total_steps"])
@@ -173,6 +177,8 @@ class JobQueue:
         if job.cancel_requested:
             raise GenerationCancelled()
         paths = self.generator.save(result)
+        job.params = result.params  # resolved: the profile's defaults filled in, the seed actually used
+        self.history.update(job.id, params=result.params.to_dict())
         seconds = result.timings["total"]
         self.image_seconds.append(seconds / len(paths))
         self.image_seconds = self.image_seconds[-200:]

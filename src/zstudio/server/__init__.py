@@ -1,0 +1,1 @@
+"""The studio server: FastAPI app, job queue, SQLite history and Gradio UI."""
