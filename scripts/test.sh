@@ -4,6 +4,11 @@ set -euo pipefail
 ZSTUDIO_EXTRAS="[test]"
 source "$(dirname "$0")/setup_env.sh"
 cd "$ROOT"
+# The browser tests drive Debian's chromium (Playwright's own browser download cannot work offline).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "zstudio: installing chromium for the browser tests" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 "$VENV/bin/python" -m ruff check src tests
 "$VENV/bin/python" -m ruff format --check src tests
-"$VENV/bin/python" -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning "$@"

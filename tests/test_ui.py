@@ -1,0 +1,48 @@
+"""The web UI in headless Chromium (Debian's package), driven by Playwright for Python."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_server import Running
+
+from zstudio.engine import Generator
+from zstudio.server.app import create_app
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_dir, tmp_path_factory):
+    generator = Generator(model=str(tiny_dir), device="cpu").load()
+    runner = Running(create_app(generator, tmp_path_factory.mktemp("ui-outputs")))
+    client = runner.__enter__()
+    yield f"{client.base_url}/ui/"
+    runner.__exit__(None, None, None)
+
+
+def test_generate_from_the_browser_and_see_history(page_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(page_url)
+        page.get_by_text("Model", exact=False).first.wait_for()
+        assert "embedded tiny checkpoint" not in page.inner_text("#zstudio-status")  # a real folder was given
+        page.fill("#prompt textarea", "蓝色背景上的红色圆形, a red circle")
+        page.get_by_role("button", name="512x512").click()
+        page.locator("#seed input").fill("77")
+        page.click("#generate")
+        page.wait_for_selector("#result img", timeout=60_000)
+        page.get_by_text("Done: 1 image(s)").wait_for(timeout=60_000)
+        assert "seeds [77]" in page.inner_text("#zstudio-progress")
+        page.screenshot(path=str(tmp_path / "ui.png"))
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("button", name="Refresh").click()
+        page.wait_for_selector("#history img", timeout=30_000)
+        browser.close()
