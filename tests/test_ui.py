@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_server import Running
 
+from test_server import Running
 from zstudio.engine import Generator
 from zstudio.server.app import create_app
 
