@@ -8,6 +8,7 @@ import pytest
 
 from test_server import Running
 from zstudio.engine import Generator
+from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 
 CHROMIUM = shutil.which("chromium")
@@ -17,15 +18,17 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 @pytest.fixture(scope="module")
-def page_url(tiny_dir, tmp_path_factory):
+def served(tiny_dir, tmp_path_factory):
     generator = Generator(model=str(tiny_dir), device="cpu").load()
-    runner = Running(create_app(generator, tmp_path_factory.mktemp("ui-outputs")))
+    outputs = tmp_path_factory.mktemp("ui-outputs")
+    runner = Running(create_app(generator, outputs))
     client = runner.__enter__()
-    yield f"{client.base_url}/ui/"
+    yield f"{client.base_url}/ui/", outputs
     runner.__exit__(None, None, None)
 
 
-def test_generate_from_the_browser_and_see_history(page_url, tmp_path):
+def test_generate_from_the_browser_and_see_history(served, tmp_path):
+    page_url, outputs = served
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -41,6 +44,13 @@ def test_generate_from_the_browser_and_see_history(page_url, tmp_path):
         page.wait_for_selector("#result img", timeout=60_000)
         page.get_by_text("Done: 1 image(s)").wait_for(timeout=60_000)
         assert "seeds [77]" in page.inner_text("#zstudio-progress")
+        src = page.locator("#result img").first.get_attribute("src")
+        served_image = page.request.get(src)
+        assert served_image.ok and served_image.body()[:8] == b"\x89PNG\r\n\x1a\n"
+        saved = sorted(outputs.glob("outputs_*.png"))
+        assert len(saved) == 1
+        meta = read_metadata(saved[0])
+        assert meta["params"]["seed"] == 77 and (meta["params"]["width"], meta["params"]["height"]) == (512, 512)
         page.screenshot(path=str(tmp_path / "ui.png"))
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
