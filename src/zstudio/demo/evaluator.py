@@ -1,0 +1,54 @@
+"""Say which shape, shape colour and background colour a picture shows, from plain pixel statistics.
+
+After a 3x3 median filter: background = the median colour of the border pixels; foreground mask = pixels far from
+it; shape colour = the median of the mask; shape = how much of its bounding box the mask fills (square ≈ 1,
+circle ≈ π/4, triangle ≈ 1/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .dataset import COLORS, POSITIONS
+
+PALETTE_NAMES = list(COLORS)
+PALETTE = np.array([COLORS[n] for n in PALETTE_NAMES], dtype=np.float32)
+FOREGROUND_DISTANCE = 45.0  # RGB distance from the background that counts as foreground (closest pair: ~76)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    shape: str | None
+    color: str | None
+    background: str
+    position: str | None
+    fill: float
+    area: float  # foreground fraction of the picture
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    return PALETTE_NAMES[int(np.argmin(((PALETTE - rgb) ** 2).sum(axis=1)))]
+
+
+def judge(image: Image.Image) -> Judgement:
+    # A 3x3 median first: speckle a decoder leaves must not count as foreground or widen the bounding box.
+    pixels = np.asarray(image.convert("RGB").filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    h, w, _ = pixels.shape
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    background = nearest_color(background_rgb)
+    mask = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2)) > FOREGROUND_DISTANCE
+    area = float(mask.mean())
+    if mask.sum() < 0.005 * h * w:
+        return Judgement(None, None, background, None, 0.0, area)
+    color = nearest_color(np.median(pixels[mask], axis=0))
+    ys, xs = np.nonzero(mask)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = float(mask.sum() / box)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    cy, cx = ys.mean() / h, xs.mean() / w
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    return Judgement(shape, color, background, position, fill, area)
