@@ -79,6 +79,7 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu [env ZSTUDIO_DEVICE].")
 @click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
 @click.option("--speed", help="auto, eager, exact, fast or fastest (fp8, approximate) [env ZSTUDIO_SPEED].")
+@click.option("--memory", help="auto, resident, offload-text, stream or lowest [env ZSTUDIO_MEMORY].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
 def generate(
     prompt: str,
@@ -98,6 +99,7 @@ def generate(
     device,
     dtype,
     speed,
+    memory,
     as_json: bool,
 ) -> None:
     """Generate images from PROMPT and save them with their parameters embedded."""
@@ -118,7 +120,7 @@ def generate(
             max_sequence_length=max_tokens,
             output_format=output_format,
         )
-        generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed)
+        generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed, memory=memory)
         generator.resolve_source()
         bar = None
         if not as_json and sys.stderr.isatty():
@@ -280,12 +282,15 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--token", envvar="ZSTUDIO_TOKEN", help="API/UI token [env ZSTUDIO_TOKEN]; required off loopback.")
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
 @click.option("--speed", help="auto, eager, exact, fast or fastest.")
-def serve(host, port, model, outputs, token, device, speed) -> None:
+@click.option("--memory", help="auto, resident, offload-text, stream or lowest.")
+def serve(host, port, model, outputs, token, device, speed, memory) -> None:
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""
     from .server.app import serve as run_server
 
     _run(
-        lambda: run_server(host=host, port=port, model=model, outputs=outputs, token=token, device=device, speed=speed)
+        lambda: run_server(
+            host=host, port=port, model=model, outputs=outputs, token=token, device=device, speed=speed, memory=memory
+        )
     )
 
 

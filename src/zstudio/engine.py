@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from . import __version__, models
-from .devices import dtype_name, pick_device, pick_dtype
+from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
+from .memory import NEXT_MODE, OutOfMemory, apply_memory, choose_memory, free_after_failure
 from .outputs import save_image
 from .params import MAX_SEED, GenerationParams
 from .settings import DEFAULT_MODEL, Settings, load_settings
@@ -63,6 +64,7 @@ class Generator:
         dtype: str | None = None,
         outputs: str | Path | None = None,
         speed: str | None = None,
+        memory: str | None = None,
         settings: Settings | None = None,
     ):
         self.settings = settings or load_settings()
@@ -74,6 +76,11 @@ class Generator:
         self.speed, speed_note = choose_speed(requested_speed, self.device)
         if speed_note:
             log.log(logging.INFO if requested_speed == "auto" else logging.WARNING, speed_note)
+        self.memory_requested = memory or self.settings.memory
+        self.memory, memory_note = choose_memory(self.memory_requested, self.device, free_memory_bytes(self.device))
+        if memory_note:
+            log.warning(memory_note)
+        self._match_speed_to_memory()
         self.source: models.ModelSource | None = None
         self.pipe = None
         self.token_encoder = None
@@ -95,14 +102,22 @@ class Generator:
                     self.source = models.tiny_source(self.settings.cache_dir)
         return self.source
 
+    def _match_speed_to_memory(self) -> None:
+        if self.memory in ("stream", "lowest") and self.speed in ("fast", "fastest"):
+            log.warning("speed %s does not combine with streamed weights; using exact in memory mode %s",
+                        self.speed, self.memory)  # fmt: skip
+            self.speed = "exact"
+
     def load(self) -> Generator:
         """Load the weights onto the device once; later calls return at once."""
         with self._lock:
             if self.pipe is None:
                 source = self.resolve_source()
                 start = time.perf_counter()
-                pipe = models.load_pipeline(source, self.device, self.dtype)
-                self.token_encoder = apply_speed(pipe, self.speed)
+                home = self.device if self.memory == "resident" else torch.device("cpu")
+                pipe = models.load_pipeline(source, home, self.dtype)
+                apply_memory(pipe, self.memory, self.device)
+                self.token_encoder = apply_speed(pipe, self.speed, text_graphs=self.memory == "resident")
                 self.pipe = pipe
                 self.load_seconds = time.perf_counter() - start
                 log.info(
@@ -126,7 +141,7 @@ class Generator:
             **kwargs,
         )
         generator.source = source
-        generator.token_encoder = apply_speed(pipe, generator.speed)
+        generator.token_encoder = apply_speed(pipe, generator.speed, text_graphs=generator.memory == "resident")
         generator.pipe = pipe
         return generator
 
@@ -145,6 +160,7 @@ class Generator:
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
             "speed": self.speed,
+            "memory_mode": self.memory,
             "outputs": str(self.outputs),
         }
 
@@ -193,9 +209,49 @@ class Generator:
         return [str(p) for p in paths], result.timings["total"], summary
 
     def generate_images(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
-        """Generate without saving: PIL images, the seeds used and each image's metadata."""
+        """Generate without saving: PIL images, the seeds used and each image's metadata.
+
+        Out of GPU memory, the failed run's memory is freed; in auto memory mode the next lower mode is put in place
+        and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
+        """
         self.load()
-        with self._lock, torch.inference_mode():
+        with self._lock:
+            try:
+                return self._generate_images(params, progress)
+            except torch.cuda.OutOfMemoryError:
+                free_after_failure(self.device)
+                lower = NEXT_MODE[self.memory]
+                where = f"{params.width}x{params.height} in memory mode {self.memory}"
+                if lower is None:
+                    raise OutOfMemory(f"out of GPU memory at {where}, the lowest mode; try a smaller size") from None
+                if self.memory_requested != "auto":
+                    raise OutOfMemory(f"out of GPU memory at {where}; memory mode {lower} needs less: "
+                                      f"use --memory {lower}") from None  # fmt: skip
+                log.warning("out of GPU memory at %s; retrying once in memory mode %s", where, lower)
+                self.switch_memory(lower)
+            try:
+                return self._generate_images(params, progress)
+            except torch.cuda.OutOfMemoryError:
+                free_after_failure(self.device)
+                raise OutOfMemory(f"out of GPU memory at {params.width}x{params.height} even in memory mode "
+                                  f"{self.memory}; try a smaller size") from None  # fmt: skip
+
+    def switch_memory(self, mode: str) -> None:
+        """Move a loaded pipeline down to a lower memory mode (never up: that needs a restart)."""
+        with self._lock:
+            if mode in ("stream", "lowest"):
+                self.pipe.transformer._compiled_call_impl = None  # streamed blocks run uncompiled
+            self.memory = mode
+            self._match_speed_to_memory()
+            apply_memory(self.pipe, mode, self.device)
+            if self.token_encoder is not None and self.token_encoder.graphs:
+                from .speed.text_encoder import TokenEncoder
+
+                self.token_encoder = TokenEncoder(self.pipe.text_encoder)
+            free_after_failure(self.device)
+
+    def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None) -> GenerationResult:
+        with torch.inference_mode():
             start = time.perf_counter()
             params = params.with_defaults(self.profile.num_inference_steps, self.profile.cfg_scale)
             seeds = self.pick_seeds(params)
@@ -256,7 +312,14 @@ class Generator:
         )
         full_ids = tokenizer(wrapped, truncation=False).input_ids
         ids = full_ids[:max_sequence_length]
-        hidden = self.token_encoder(ids)
+        if self.memory == "resident":
+            hidden = self.token_encoder(ids)
+        else:  # the text encoder visits the GPU for this prompt only
+            self.pipe.text_encoder.to(self.device)
+            try:
+                hidden = self.token_encoder(ids)
+            finally:
+                self.pipe.text_encoder.to("cpu")
         embedding = PromptEmbedding(hidden, num_tokens=len(ids), truncated=len(full_ids) > max_sequence_length)
         self._prompt_cache[key] = embedding
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
@@ -367,6 +430,7 @@ class Generator:
             "dtype": dtype_name(self.dtype),
             "device": str(self.device),
             "speed": self.speed,
+            "memory_mode": self.memory,
             "seconds": timings["total"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -7,6 +7,7 @@
 | ZSTUDIO_DEVICE    | auto, cuda, cuda:N, mps or cpu                                 | auto                        |
 | ZSTUDIO_DTYPE     | auto, bfloat16, float16 or float32                             | auto                        |
 | ZSTUDIO_SPEED     | auto, eager, exact, fast or fastest (see zstudio.speed)        | auto                        |
+| ZSTUDIO_MEMORY    | auto, resident, offload-text, stream or lowest (zstudio.memory)| auto                        |
 | ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
 """
 
@@ -26,6 +27,7 @@ class Settings:
     device: str
     dtype: str
     speed: str
+    memory: str
     cache_dir: Path
 
 
@@ -40,5 +42,6 @@ def load_settings() -> Settings:
         device=os.environ.get("ZSTUDIO_DEVICE") or "auto",
         dtype=os.environ.get("ZSTUDIO_DTYPE") or "auto",
         speed=os.environ.get("ZSTUDIO_SPEED") or "auto",
+        memory=os.environ.get("ZSTUDIO_MEMORY") or "auto",
         cache_dir=Path(cache),
     )

@@ -28,10 +28,9 @@ RETRY_AFTER_S = 5
 class Studio:
     """What the routes share: the queue (which holds the generator and history) and the outputs folder."""
 
-    def __init__(self, queue: JobQueue, outputs: Path, memory_mode: str = "all-resident"):
+    def __init__(self, queue: JobQueue, outputs: Path):
         self.queue = queue
         self.outputs = outputs.resolve()
-        self.memory_mode = memory_mode
 
     def delete_entry(self, job_id: str) -> dict[str, Any] | None:
         """Forget a finished job and delete its files; None if there is no such entry."""
@@ -256,7 +255,7 @@ def status(studio: Studio) -> dict[str, Any]:
         "device": info["device"],
         "dtype": info["dtype"],
         "speed": info["speed"],
-        "memory_mode": studio.memory_mode,
+        "memory_mode": info["memory_mode"],
         "free_gpu_memory_gb": round(free / 2**30, 2) if free is not None else None,
         "queue": {"waiting": len(studio.queue.waiting), "running": studio.queue.running},
     }

@@ -102,6 +102,7 @@ def serve(
     token: str | None = None,
     device: str | None = None,
     speed: str | None = None,
+    memory: str | None = None,
 ) -> None:
     """Load the model, warm it up, then serve until interrupted."""
     import uvicorn
@@ -110,7 +111,7 @@ def serve(
         from ..params import ParamError
 
         raise ParamError("token", f"binding to {host} exposes the studio to the network; set --token or ZSTUDIO_TOKEN")
-    generator = Generator(model=model, outputs=outputs, device=device, speed=speed)
+    generator = Generator(model=model, outputs=outputs, device=device, speed=speed, memory=memory)
     generator.load()
     info = generator.info()
     app = create_app(generator, token=token)
@@ -123,7 +124,7 @@ def serve(
         info["device"],
         info["dtype"],
         info["speed"],
-        app.state.studio.memory_mode,
+        info["memory_mode"],
     )
     if info["embedded_default"]:
         log.warning(

@@ -44,8 +44,10 @@ def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
     return requested, ""
 
 
-def apply_speed(pipe, mode: str):
-    """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use."""
+def apply_speed(pipe, mode: str, text_graphs: bool = True):
+    """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use.
+
+    `text_graphs=False` where the text encoder moves between devices (captured graphs pin its memory)."""
     from .text_encoder import BUCKETS, TokenEncoder
 
     if mode == "eager":
@@ -63,5 +65,6 @@ def apply_speed(pipe, mode: str):
         (compile_blocks if mode == "fastest" else compile_transformer)(pipe.transformer)
         compile_vae_decoder(pipe.vae)
         pad_id = pipe.tokenizer.pad_token_id or 0
-        return TokenEncoder(pipe.text_encoder, pad_id=pad_id, buckets=BUCKETS, graphs=True)
+        if text_graphs:
+            return TokenEncoder(pipe.text_encoder, pad_id=pad_id, buckets=BUCKETS, graphs=True)
     return TokenEncoder(pipe.text_encoder)
