@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .params import ParamError
+from .params import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ def needed_gb(mode: str, width: int = 1024, height: int = 1024) -> float:
 def choose_memory(requested: str, device: torch.device, free_bytes: int | None, width: int = 1024,
                   height: int = 1024) -> tuple[str, str]:  # fmt: skip
     """(mode, reason): `auto` takes the fastest mode whose estimate fits the free memory for this size."""
-    requested = (requested or "auto").strip().lower()
-    if requested not in (*MEMORY_MODES, "auto"):
-        raise ParamError("memory", f"{requested!r} is not one of auto, {', '.join(MEMORY_MODES)}")
+    requested = check_choice("memory", requested, ("auto", *MEMORY_MODES))
     if device.type != "cuda":
         if requested in ("stream", "lowest"):
             return "offload-text", f"memory mode {requested} streams to a CUDA GPU; on {device} using offload-text"

@@ -50,6 +50,14 @@ class ParamError(ValueError):
         super().__init__(f"{field_name}: {message}")
 
 
+def check_choice(field_name: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """Normalise a mode name (None means "auto") and reject anything not in `choices`."""
+    value = (value or "auto").strip().lower()
+    if value not in choices:
+        raise ParamError(field_name, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def resolve_size(name: str) -> tuple[int, int]:
     """Turn a preset ('1024'), an aspect ratio ('16:9') or 'WxH' into (width, height)."""
     key = name.strip().lower()

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from ..params import ParamError
+from ..params import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,7 @@ SPEED_MODES = ("eager", "exact", "fast", "fastest")
 
 def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
     """Return (mode, reason): `auto` is the fastest exact mode the device supports; others fall back with a reason."""
-    requested = (requested or "auto").strip().lower()
-    if requested not in (*SPEED_MODES, "auto"):
-        raise ParamError("speed", f"{requested!r} is not one of auto, {', '.join(SPEED_MODES)}")
+    requested = check_choice("speed", requested, ("auto", *SPEED_MODES))
     if device.type != "cuda":
         if requested in ("fast", "fastest"):
             return "exact", f"{requested} needs a CUDA GPU (torch.compile and fp8 kernels); using exact on {device}"
