@@ -79,7 +79,7 @@ class Generator:
         self.memory_requested = memory or self.settings.memory
         self.memory, memory_note = choose_memory(self.memory_requested, self.device, free_memory_bytes(self.device))
         if memory_note:
-            log.warning(memory_note)
+            log.log(logging.INFO if self.memory_requested == "auto" else logging.WARNING, memory_note)
         self._match_speed_to_memory()
         self.source: models.ModelSource | None = None
         self.pipe = None
