@@ -193,3 +193,10 @@ def test_get_generator_is_one_lazy_process_wide_instance(tiny_dir, monkeypatch):
     pipe = first.pipe
     first.load()
     assert first.pipe is pipe  # loaded once
+
+
+def test_warmup_generates_without_saving(tiny_dir, tmp_path):
+    warm = Generator(model=str(tiny_dir), device="cpu", outputs=tmp_path)
+    seconds = warm.warmup(sizes=((256, 256),))
+    assert seconds > 0 and warm.pipe is not None
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

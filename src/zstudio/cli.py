@@ -283,13 +283,22 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
 @click.option("--speed", help="auto, eager, exact, fast or fastest.")
 @click.option("--memory", help="auto, resident, offload-text, stream or lowest.")
-def serve(host, port, model, outputs, token, device, speed, memory) -> None:
+@click.option("--no-warmup", is_flag=True, help="Skip the warm-up generation at start.")
+def serve(host, port, model, outputs, token, device, speed, memory, no_warmup) -> None:
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""
     from .server.app import serve as run_server
 
     _run(
         lambda: run_server(
-            host=host, port=port, model=model, outputs=outputs, token=token, device=device, speed=speed, memory=memory
+            host=host,
+            port=port,
+            model=model,
+            outputs=outputs,
+            token=token,
+            device=device,
+            speed=speed,
+            memory=memory,
+            warmup=not no_warmup,
         )
     )
 

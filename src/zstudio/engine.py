@@ -130,6 +130,16 @@ class Generator:
                 )
         return self
 
+    def warmup(self, sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)) -> float:
+        """One unsaved generation per size, so the first user request does not pay compile or allocation costs."""
+        self.load()
+        start = time.perf_counter()
+        for width, height in sizes:
+            self.generate_images(GenerationParams(prompt="warm-up", width=width, height=height, seed=0))
+        seconds = time.perf_counter() - start
+        log.info("warmed up at %s in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), seconds)
+        return seconds
+
     @classmethod
     def from_pipeline(cls, pipe, source: models.ModelSource, speed: str = "eager", **kwargs: Any) -> Generator:
         """Wrap components already in memory (the benchmark's random full-size model, say) without loading."""

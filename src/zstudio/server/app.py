@@ -103,6 +103,7 @@ def serve(
     device: str | None = None,
     speed: str | None = None,
     memory: str | None = None,
+    warmup: bool = True,
 ) -> None:
     """Load the model, warm it up, then serve until interrupted."""
     import uvicorn
@@ -113,6 +114,9 @@ def serve(
         raise ParamError("token", f"binding to {host} exposes the studio to the network; set --token or ZSTUDIO_TOKEN")
     generator = Generator(model=model, outputs=outputs, device=device, speed=speed, memory=memory)
     generator.load()
+    if warmup:
+        log.warning("warming up (one 1024x1024 generation; compiled speed modes compile now)")
+        generator.warmup()
     info = generator.info()
     app = create_app(generator, token=token)
     log.warning(
