@@ -79,3 +79,20 @@ def test_offloaded_text_encoder_gives_the_same_pixels(tiny_dir, generator):
     offloaded = Generator(model=str(tiny_dir), device="cpu", memory="offload-text").load()
     assert offloaded.info()["memory_mode"] == "offload-text"
     assert np.abs(pixels(offloaded.generate_images(PARAMS)) - pixels(generator.generate_images(PARAMS))).max() <= 1
+
+
+def test_many_generations_do_not_accumulate_tensors(generator):
+    """The resident generator keeps nothing per generation beyond its bounded prompt cache."""
+    sizes = [(256, 256), (320, 256), (256, 384), (384, 384)]
+
+    def run(i):
+        w, h = sizes[i % len(sizes)]
+        generator.generate_images(GenerationParams(prompt=f"prompt {i % 3}", width=w, height=h,
+                                                   num_inference_steps=1, seed=i))  # fmt: skip
+
+    for i in range(8):
+        run(i)
+    settled = live_tensors()
+    for i in range(8, 40):
+        run(i)
+    assert live_tensors() <= settled
