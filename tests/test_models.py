@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL
+from zstudio import GenerationParams
 from zstudio.engine import Generator
 from zstudio.models import BASE, TURBO, ModelUnavailableError, profile_for, resolve
 from zstudio.params import ParamError
@@ -65,8 +66,6 @@ def test_explicit_hub_model_does_not_fall_back(tmp_path):
 def test_env_var_chooses_the_model(tiny_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("ZSTUDIO_MODEL", str(tiny_dir))
     generator = Generator(device="cpu", outputs=tmp_path)
-    result = generator.generate_images(
-        __import__("zstudio").GenerationParams(prompt="x", **SMALL, num_inference_steps=1, seed=1)
-    )
+    result = generator.generate_images(GenerationParams(prompt="x", **SMALL, num_inference_steps=1, seed=1))
     assert generator.source.path == tiny_dir and not generator.source.embedded
     assert np.asarray(result.images[0]).shape == (256, 256, 3)

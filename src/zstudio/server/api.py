@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,7 @@ def build_router(studio: Studio) -> APIRouter:
         """Server-Sent Events: one `progress` event per change, then `done`, `failed` or `cancelled`."""
         job = queue.get(job_id)
         if job is None:
-            find(job_id)  # 404 if unknown
-            record = find(job_id)
+            record = find(job_id)  # 404 if unknown; a job of an earlier run: its final state, once
             return StreamingResponse(
                 iter([f"event: {record['status']}\ndata: {json.dumps(record)}\n\n"]), media_type="text/event-stream"
             )
@@ -222,7 +222,7 @@ def build_router(studio: Studio) -> APIRouter:
             else:
                 encoded = base64.b64encode((studio.outputs / name).read_bytes()).decode()
                 data.append({"b64_json": encoded, "seed": seed, "revised_prompt": job.params.prompt})
-        return {"created": int(__import__("time").time()), "data": data}
+        return {"created": int(time.time()), "data": data}
 
     return router
 

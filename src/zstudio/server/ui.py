@@ -140,7 +140,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def load_history(page_number):
             offset = (max(1, int(page_number or 1)) - 1) * HISTORY_PAGE
-            records = [r for r in queue.history.list(limit=HISTORY_PAGE, offset=offset)]
+            records = queue.history.list(limit=HISTORY_PAGE, offset=offset)
             items = []
             for r in records:
                 caption = f"{r['params']['prompt'][:60]} · {r['status']}"
