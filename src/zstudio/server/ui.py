@@ -9,6 +9,7 @@ import gradio as gr
 
 from ..params import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRESETS, GenerationParams, ParamError
 from .api import Studio, status
+from .jobs import QueueFull
 
 HISTORY_PAGE = 24
 
@@ -102,9 +103,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     num_images=int(n),
                 )
                 job = queue.submit(params)
-            except ParamError as err:
-                raise gr.Error(str(err)) from None
-            except Exception as err:  # QueueFull and the like: tell the user, keep the page alive
+            except (ParamError, QueueFull) as err:  # tell the user, keep the page alive
                 raise gr.Error(str(err)) from None
             while not job.finished:
                 seen = job.version
