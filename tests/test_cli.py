@@ -74,7 +74,7 @@ def test_generate_prints_path_and_seed(tiny_dir, tmp_path):
     ("args", "fragment"),
     [
         (["--width", "1000"], "width: 1000 is not a multiple of 16; use 992 or 1008"),
-        (["--height", "4096"], "height: 4096 is outside 256-2048"),
+        (["--height", "4096"], "height: 4096 is outside 64-2048"),
         (["--steps", "0"], "num_inference_steps: 0 is outside 1-100"),
         (["--cfg", "-1"], "cfg_scale: -1.0 is outside 0-20"),
         (["--cfg", "nan"], "cfg_scale: nan is outside 0-20"),

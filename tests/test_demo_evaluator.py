@@ -43,3 +43,15 @@ def test_evaluator_does_not_see_shapes_in_noise():
     flat = judge(Image.new("RGB", (64, 64), COLORS["blue"]))
     assert flat.shape is None and flat.background == "blue"
     assert noise_judgement.area > 0.3  # noise is judged as noise-covered, not as a clean shape
+
+
+def test_evaluator_reads_blurred_scenes_like_a_small_decoder_draws():
+    """A blurred edge must not change the shape class: the mask splits edge pixels at the colours' midpoint."""
+    from PIL import ImageFilter
+
+    rng = random.Random(3)
+    scenes = [random_scene(rng) for _ in range(100)]
+    judged = [judge(render(s).filter(ImageFilter.GaussianBlur(1.5))) for s in scenes]
+    assert (
+        sum((j.shape, j.color, j.background) == (s.shape, s.color, s.background) for j, s in zip(judged, scenes)) >= 95
+    )

@@ -17,7 +17,8 @@ def test_auto_picks_the_fastest_mode_that_fits():
     assert choose_memory("auto", CUDA, 40 * GB)[0] == "resident"
     assert choose_memory("auto", CUDA, 16 * GB)[0] == "offload-text"
     assert choose_memory("auto", CUDA, 14 * GB, 512, 512)[0] == "offload-text"
-    assert choose_memory("auto", CUDA, 12 * GB, 512, 512)[0] == "stream"
+    assert choose_memory("auto", CUDA, 12 * GB, 512, 512)[0] == "8bit"
+    assert choose_memory("auto", CUDA, 12 * GB)[0] == "8bit"
     assert choose_memory("auto", CUDA, 8 * GB)[0] == "stream"
     mode, why = choose_memory("auto", CUDA, 2 * GB)
     assert mode == "lowest" and "may not fit" in why
@@ -26,8 +27,9 @@ def test_auto_picks_the_fastest_mode_that_fits():
 
 def test_explicit_modes_and_fallbacks():
     assert choose_memory("stream", CUDA, 80 * GB) == ("stream", "")
-    mode, why = choose_memory("lowest", CPU, None)
-    assert mode == "offload-text" and "CUDA GPU" in why
+    for requested in ("8bit", "stream", "lowest"):
+        mode, why = choose_memory(requested, CPU, None)
+        assert mode == "offload-text" and "CUDA GPU" in why
     with pytest.raises(ParamError, match="memory: 'tiny' is not one of auto, resident"):
         choose_memory("tiny", CPU, None)
 

@@ -53,8 +53,8 @@ def test_default_falls_back_to_embedded_model_when_hub_unreachable(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         paths, _, meta = generator.generate(prompt="a red circle", **SMALL, num_inference_steps=2, seed=1)
     assert generator.source.embedded and generator.info()["embedded_default"]
-    assert any("embedded tiny checkpoint" in r.getMessage() for r in caplog.records)
-    assert meta["images"][0]["model"]["spec"] == "tiny"
+    assert any("embedded demo model" in r.getMessage() for r in caplog.records)
+    assert meta["images"][0]["model"]["spec"] == "demo"
     assert len(paths) == 1
 
 

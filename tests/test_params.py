@@ -14,8 +14,8 @@ def make(**kw):
     [
         ({"width": 1000}, "width", "use 992 or 1008"),
         ({"height": 1030}, "height", "use 1024 or 1040"),
-        ({"width": 240}, "width", "outside 256-2048"),
-        ({"height": 2064}, "height", "outside 256-2048"),
+        ({"width": 48}, "width", "outside 64-2048"),
+        ({"height": 2064}, "height", "outside 64-2048"),
         ({"num_inference_steps": 0}, "num_inference_steps", "outside 1-100"),
         ({"num_inference_steps": 101}, "num_inference_steps", "outside 1-100"),
         ({"cfg_scale": -0.5}, "cfg_scale", "outside 0-20"),

@@ -53,12 +53,14 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="zstudio: %(message)s")
 
 
-def _size(size: str | None, preset: str | None, width: int | None, height: int | None) -> tuple[int, int]:
+def _size(size: str | None, preset: str | None, width: int | None, height: int | None
+          ) -> tuple[int | None, int | None]:  # fmt: skip
+    """The requested size; None where unset, so the model's own size applies."""
     if sum(x is not None for x in (size, preset)) > 1 or ((size or preset) and (width or height)):
         raise ParamError("size", "give one of --size, --preset, or --width/--height")
     if size or preset:
         return resolve_size(size or preset)
-    return width or 1024, height or 1024
+    return width, height
 
 
 @main.command()
@@ -66,8 +68,8 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--negative", default="", help="Negative prompt (used when --cfg > 0).")
 @click.option("--size", help=f"WxH, or a preset / aspect ratio: {SIZE_NAMES}.")
 @click.option("--preset", help=f"Same as --size: {SIZE_NAMES}.")
-@click.option("--width", type=int, help="Width in pixels (multiple of 16, 256-2048).")
-@click.option("--height", type=int, help="Height in pixels (multiple of 16, 256-2048).")
+@click.option("--width", type=int, help="Width in pixels (multiple of 16, 64-2048; default: the model's size).")
+@click.option("--height", type=int, help="Height in pixels (multiple of 16, 64-2048; default: the model's size).")
 @click.option("--steps", type=int, help="Denoising steps (default: the model's, 9 for Turbo).")
 @click.option("--cfg", type=float, help="Guidance scale, 0 = off (default: the model's, 0 for Turbo).")
 @click.option("--seed", type=int, default=-1, show_default=True, help="Seed; -1 picks one at random.")
@@ -79,7 +81,7 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu [env ZSTUDIO_DEVICE].")
 @click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
 @click.option("--speed", help="auto, eager, exact, fast or fastest (fp8, approximate) [env ZSTUDIO_SPEED].")
-@click.option("--memory", help="auto, resident, offload-text, stream or lowest [env ZSTUDIO_MEMORY].")
+@click.option("--memory", help="auto, resident, offload-text, 8bit, stream or lowest [env ZSTUDIO_MEMORY].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
 def generate(
     prompt: str,
@@ -157,7 +159,7 @@ def generate(
         )
         return
     if generator.source is not None and generator.source.embedded:
-        click.echo("note: made with the embedded tiny checkpoint (random weights), not Z-Image", err=True)
+        click.echo(f"note: made with the {generator.source.label}, not Z-Image", err=True)
     for path, image_seed in zip(paths, result.seeds):
         click.echo(f"{path}\tseed={image_seed}")
     click.echo(f"{len(paths)} image(s) in {result.timings['total']:.2f} s", err=True)
@@ -233,6 +235,21 @@ def make_tiny_command(directory: Path, seed: int, overwrite: bool) -> None:
     click.echo(f"{path}\t{size / 1e6:.1f} MB")
 
 
+@main.command("make-demo")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole training run.")
+@click.option("--steps", type=int, default=5000, show_default=True, help="Transformer training steps.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
+def make_demo_command(directory: Path, seed: int, steps: int, overwrite: bool) -> None:
+    """Train the demo model (shapes on plain backgrounds) on this machine's CPU, about half an hour on 2 cores."""
+    from .demo.train import train
+
+    logging.getLogger("zstudio").setLevel(logging.INFO)
+    path = _run(lambda: train(directory, seed=seed, steps=steps, overwrite=overwrite))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    click.echo(f"{path}\t{size / 1e6:.1f} MB")
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full JSON record.")
@@ -282,7 +299,7 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--token", envvar="ZSTUDIO_TOKEN", help="API/UI token [env ZSTUDIO_TOKEN]; required off loopback.")
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
 @click.option("--speed", help="auto, eager, exact, fast or fastest.")
-@click.option("--memory", help="auto, resident, offload-text, stream or lowest.")
+@click.option("--memory", help="auto, resident, offload-text, 8bit, stream or lowest.")
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up generation at start.")
 def serve(host, port, model, outputs, token, device, speed, memory, no_warmup) -> None:
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""

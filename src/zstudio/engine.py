@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import __version__, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
-from .memory import NEXT_MODE, OutOfMemory, apply_memory, choose_memory, free_after_failure
+from .memory import EIGHT_BIT, NEXT_MODE, STREAMED, OutOfMemory, apply_memory, choose_memory, free_after_failure
 from .outputs import save_image
 from .params import MAX_SEED, GenerationParams
 from .settings import DEFAULT_MODEL, Settings, load_settings
@@ -98,13 +98,14 @@ class Generator:
                 try:
                     self.source = models.resolve(DEFAULT_MODEL, self.settings.cache_dir)
                 except models.ModelUnavailableError as err:
-                    log.warning("%s. Running on the embedded tiny checkpoint instead (random weights: noise).", err)
-                    self.source = models.tiny_source(self.settings.cache_dir)
+                    log.warning("%s. Running on the embedded demo model instead: it draws simple shapes at "
+                                "64x64, not Z-Image pictures.", err)  # fmt: skip
+                    self.source = models.demo_source()
         return self.source
 
     def _match_speed_to_memory(self) -> None:
-        if self.memory in ("stream", "lowest") and self.speed in ("fast", "fastest"):
-            log.warning("speed %s does not combine with streamed weights; using exact in memory mode %s",
+        if self.memory in ("8bit", *STREAMED) and self.speed in ("fast", "fastest"):
+            log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
                         self.speed, self.memory)  # fmt: skip
             self.speed = "exact"
 
@@ -130,10 +131,11 @@ class Generator:
                 )
         return self
 
-    def warmup(self, sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)) -> float:
+    def warmup(self, sizes: tuple[tuple[int, int], ...] | None = None) -> float:
         """One unsaved generation per size, so the first user request does not pay compile or allocation costs."""
         self.load()
         start = time.perf_counter()
+        sizes = sizes or ((self.profile.width, self.profile.height),)
         for width, height in sizes:
             self.generate_images(GenerationParams(prompt="warm-up", width=width, height=height, seed=0))
         seconds = time.perf_counter() - start
@@ -179,8 +181,8 @@ class Generator:
         self,
         prompt: str,
         negative_prompt: str = "",
-        width: int = 1024,
-        height: int = 1024,
+        width: int | None = None,
+        height: int | None = None,
         num_inference_steps: int | None = None,
         cfg_scale: float | None = None,
         num_images: int = 1,
@@ -225,34 +227,48 @@ class Generator:
         and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
         """
         self.load()
+        p = self.profile
+        params = params.with_defaults(p.num_inference_steps, p.cfg_scale, p.width, p.height)
         with self._lock:
-            try:
-                return self._generate_images(params, progress)
-            except torch.cuda.OutOfMemoryError:
-                free_after_failure(self.device)
-                lower = NEXT_MODE[self.memory]
-                where = f"{params.width}x{params.height} in memory mode {self.memory}"
-                if lower is None:
-                    raise OutOfMemory(f"out of GPU memory at {where}, the lowest mode; try a smaller size") from None
-                if self.memory_requested != "auto":
-                    raise OutOfMemory(f"out of GPU memory at {where}; memory mode {lower} needs less: "
-                                      f"use --memory {lower}") from None  # fmt: skip
-                log.warning("out of GPU memory at %s; retrying once in memory mode %s", where, lower)
-                self.switch_memory(lower)
-            try:
-                return self._generate_images(params, progress)
-            except torch.cuda.OutOfMemoryError:
-                free_after_failure(self.device)
-                raise OutOfMemory(f"out of GPU memory at {params.width}x{params.height} even in memory mode "
-                                  f"{self.memory}; try a smaller size") from None  # fmt: skip
+            if (result := self._attempt(params, progress)) is not None:
+                return result
+            lower = NEXT_MODE[self.memory]
+            where = f"{params.width}x{params.height} in memory mode {self.memory}"
+            if lower is None:
+                raise OutOfMemory(f"out of GPU memory at {where}, the lowest mode; try a smaller size")
+            if self.memory_requested != "auto":
+                raise OutOfMemory(f"out of GPU memory at {where}; memory mode {lower} needs less: use --memory {lower}")
+            log.warning("out of GPU memory at %s; retrying once in memory mode %s", where, lower)
+            self.switch_memory(lower)
+            if (result := self._attempt(params, progress)) is not None:
+                return result
+            raise OutOfMemory(f"out of GPU memory at {where} and again in memory mode {self.memory}; "
+                              "try a smaller size")  # fmt: skip
+
+    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None) -> GenerationResult | None:
+        """One generation; None after running out of GPU memory, with what it held given back.
+
+        The freeing happens after the `except` block: until then the error's traceback keeps the failed run's
+        tensors alive."""
+        try:
+            return self._generate_images(params, progress)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        free_after_failure(self.device)
+        return None
 
     def switch_memory(self, mode: str) -> None:
         """Move a loaded pipeline down to a lower memory mode (never up: that needs a restart)."""
         with self._lock:
-            if mode in ("stream", "lowest"):
-                self.pipe.transformer._compiled_call_impl = None  # streamed blocks run uncompiled
+            self.pipe.transformer._compiled_call_impl = None  # lower modes run uncompiled
             self.memory = mode
             self._match_speed_to_memory()
+            if getattr(self.pipe.transformer, "_zstudio_8bit", None) and mode not in EIGHT_BIT:
+                log.info("reloading the transformer's bf16 weights for memory mode %s", mode)
+                self.pipe.transformer = None
+                free_after_failure(self.device)
+                self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
+                apply_speed(self.pipe, self.speed, text_graphs=False)
             apply_memory(self.pipe, mode, self.device)
             if self.token_encoder is not None and self.token_encoder.graphs:
                 from .speed.text_encoder import TokenEncoder
@@ -263,7 +279,6 @@ class Generator:
     def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None) -> GenerationResult:
         with torch.inference_mode():
             start = time.perf_counter()
-            params = params.with_defaults(self.profile.num_inference_steps, self.profile.cfg_scale)
             seeds = self.pick_seeds(params)
             params = params.replace(seed=seeds[0])
             guided = params.cfg_scale > 0
@@ -322,14 +337,7 @@ class Generator:
         )
         full_ids = tokenizer(wrapped, truncation=False).input_ids
         ids = full_ids[:max_sequence_length]
-        if self.memory == "resident":
-            hidden = self.token_encoder(ids)
-        else:  # the text encoder visits the GPU for this prompt only
-            self.pipe.text_encoder.to(self.device)
-            try:
-                hidden = self.token_encoder(ids)
-            finally:
-                self.pipe.text_encoder.to("cpu")
+        hidden = self.token_encoder(ids, self.device)
         embedding = PromptEmbedding(hidden, num_tokens=len(ids), truncated=len(full_ids) > max_sequence_length)
         self._prompt_cache[key] = embedding
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:

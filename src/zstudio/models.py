@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 TURBO_REPO = "Tongyi-MAI/Z-Image-Turbo"
 BASE_REPO = "Tongyi-MAI/Z-Image"
 TINY = "tiny"
+DEMO = "demo"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 # What a download needs: weights and configs in the diffusers layout, not the repo's assets or extra formats.
 DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.jinja", "*/*.model"]
@@ -30,11 +31,15 @@ class Profile:
     num_inference_steps: int
     cfg_scale: float
     label: str
+    width: int = 1024
+    height: int = 1024
 
 
 TURBO = Profile("turbo", num_inference_steps=9, cfg_scale=0.0, label="Z-Image-Turbo")
 BASE = Profile("base", num_inference_steps=50, cfg_scale=4.0, label="Z-Image")
-PROFILES = {p.name: p for p in (TURBO, BASE)}
+# The trained demo model (zstudio.demo): 64x64 pictures of one shape; guidance sharpens its colours.
+DEMO_PROFILE = Profile("demo", num_inference_steps=20, cfg_scale=3.0, label="zstudio demo model", width=64, height=64)
+PROFILES = {p.name: p for p in (TURBO, BASE, DEMO_PROFILE)}
 
 
 class ModelUnavailableError(RuntimeError):
@@ -49,10 +54,12 @@ class ModelSource:
     path: Path
     profile: Profile
     revision: str | None = None  # hub commit, when it came from the hub
-    embedded: bool = False  # the built-in stand-in used when real weights are missing
+    embedded: bool = False  # shipped with zstudio (the demo model) or made by it (tiny), not real Z-Image weights
 
     @property
     def label(self) -> str:
+        if self.spec == DEMO:
+            return "zstudio demo model (draws simple shapes)"
         return "zstudio tiny checkpoint (random weights)" if self.embedded else self.spec
 
 
@@ -94,6 +101,15 @@ def tiny_source(cache_dir: Path, seed: int = 0) -> ModelSource:
     return ModelSource(spec=TINY, path=folder, profile=TURBO, embedded=True)
 
 
+def demo_source() -> ModelSource:
+    """The embedded default: the small trained demo model shipped inside the package."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("zstudio").joinpath("data/demo")))
+    check_folder(folder)
+    return ModelSource(spec=DEMO, path=folder, profile=DEMO_PROFILE, embedded=True)
+
+
 def download(repo_id: str, revision: str | None = None) -> Path:
     """Fetch a hub model into the standard Hugging Face cache, with a progress bar."""
     from huggingface_hub import snapshot_download
@@ -113,6 +129,8 @@ def resolve(spec: str, cache_dir: Path, allow_download: bool = True) -> ModelSou
     spec = spec.strip()
     if spec == TINY:
         return tiny_source(cache_dir)
+    if spec == DEMO:
+        return demo_source()
     if not is_hub_id(spec):
         folder = Path(spec).expanduser()
         check_folder(folder)
@@ -168,3 +186,11 @@ def load_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_transformer(source: ModelSource, dtype: torch.dtype):
+    """The transformer alone, from the model's folder (after 8-bit weights must give way to bf16 ones)."""
+    from diffusers import ZImageTransformer2DModel
+
+    with quiet_loading(source.embedded):
+        return ZImageTransformer2DModel.from_pretrained(source.path, subfolder="transformer", dtype=dtype)

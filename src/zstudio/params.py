@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MIN_SIDE = 256
+MIN_SIDE = 64  # the demo model draws at 64x64; Z-Image itself is meant for about 512 and up
 MAX_SIDE = 2048
 MAX_PIXELS = 4_200_000
 SIDE_MULTIPLE = 16
@@ -100,8 +100,8 @@ class GenerationParams:
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # None: the model's own size (1024 for Z-Image, 64 for the demo model)
+    height: int | None = None
     num_inference_steps: int | None = None
     cfg_scale: float | None = None
     seed: int = -1
@@ -120,9 +120,11 @@ class GenerationParams:
             raise ParamError("prompt", "must not be empty")
         if not isinstance(self.negative_prompt, str):
             raise ParamError("negative_prompt", f"must be text, got {type(self.negative_prompt).__name__}")
-        _check_side("width", self.width)
-        _check_side("height", self.height)
-        if self.width * self.height > MAX_PIXELS:
+        if self.width is not None:
+            _check_side("width", self.width)
+        if self.height is not None:
+            _check_side("height", self.height)
+        if self.width and self.height and self.width * self.height > MAX_PIXELS:
             raise ParamError(
                 "width",
                 f"{self.width}x{self.height} is {self.width * self.height / 1e6:.2f} megapixels; "
@@ -171,10 +173,13 @@ class GenerationParams:
             raise ParamError("prompt", "is required")
         return cls(**data)
 
-    def with_defaults(self, num_inference_steps: int, cfg_scale: float) -> GenerationParams:
+    def with_defaults(self, num_inference_steps: int, cfg_scale: float, width: int = 1024, height: int = 1024
+                      ) -> GenerationParams:  # fmt: skip
         """Fill the profile's defaults where the caller left a field unset."""
         return dataclasses.replace(
             self,
+            width=self.width or width,
+            height=self.height or height,
             num_inference_steps=self.num_inference_steps
             if self.num_inference_steps is not None
             else num_inference_steps,

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -30,7 +31,24 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 TOKENIZER_VOCAB_SIZE = 1024
-TEXT_HIDDEN = 32
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The knobs that make a checkpoint tiny; the demo model uses the same builder with larger ones."""
+
+    text_hidden: int = 32
+    text_layers: int = 3
+    dim: int = 32
+    n_layers: int = 2
+    n_refiner_layers: int = 1
+    n_heads: int = 2
+    axes_dims: tuple[int, int, int] = (8, 4, 4)  # sums to dim / n_heads
+    vae_channels: tuple[int, ...] = (16, 16, 32, 32)
+    vae_groups: int = 8
+
+
+TINY_SIZES = Sizes()
 
 
 def corpus_lines() -> list[str]:
@@ -66,7 +84,7 @@ def _byte_alphabet() -> list[str]:
     return pre_tokenizers.ByteLevel.alphabet()
 
 
-def build_components(seed: int = 0) -> dict:
+def build_components(seed: int = 0, sizes: Sizes = TINY_SIZES) -> dict:
     """The five pipeline components, each initialised from `seed` alone."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -76,13 +94,13 @@ def build_components(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
         in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=TEXT_HIDDEN,
-        axes_dims=[8, 4, 4],
+        dim=sizes.dim,
+        n_layers=sizes.n_layers,
+        n_refiner_layers=sizes.n_refiner_layers,
+        n_heads=sizes.n_heads,
+        n_kv_heads=sizes.n_heads,
+        cap_feat_dim=sizes.text_hidden,
+        axes_dims=list(sizes.axes_dims),
         axes_lens=[1024, 512, 512],
     )
     with torch.no_grad():  # created with torch.empty upstream: give them defined values
@@ -93,12 +111,12 @@ def build_components(seed: int = 0) -> dict:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * len(sizes.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(sizes.vae_channels),
+        block_out_channels=list(sizes.vae_channels),
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=8,
+        norm_num_groups=sizes.vae_groups,
         sample_size=256,
         scaling_factor=0.3611,
         shift_factor=0.1159,
@@ -109,9 +127,9 @@ def build_components(seed: int = 0) -> dict:
     torch.manual_seed(seed + 2)
     text_encoder = Qwen3Model(
         Qwen3Config(
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=3,
+            hidden_size=sizes.text_hidden,
+            intermediate_size=2 * sizes.text_hidden,
+            num_hidden_layers=sizes.text_layers,
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=16,

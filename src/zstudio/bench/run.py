@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate = matmul_rate()
     build_s, pipe = timed(lambda: build_full_pipeline(torch.device("cuda")))
     source = ModelSource(spec="random-full-size", path=Path("."), profile=TURBO)
-    embeds = pipe._encode_prompt(PROMPT, device="cuda", max_sequence_length=512)[0]
+    with torch.inference_mode():  # outside it, autograd would keep every text-encoder weight alive
+        embeds = pipe._encode_prompt(PROMPT, device="cuda", max_sequence_length=512)[0]
     flops = {f"{w}x{h}": transformer_flops(pipe, embeds, w, h) for w, h in sizes}
     floor = {k: v * (STEPS - 1) / (rate * 1e12) for k, v in flops.items()}
     report.update({"matmul_tflops": rate, "build_s": build_s, "transformer_tflop_per_forward":

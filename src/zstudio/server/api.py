@@ -231,7 +231,7 @@ def openai_params(body: dict[str, Any]) -> GenerationParams:
     """Map OpenAI's request onto ours; fields that mean nothing here (model, quality, style) are ignored."""
     if body.get("response_format", "b64_json") not in ("b64_json", "url"):
         raise ParamError("response_format", f"{body['response_format']!r} is not one of b64_json, url")
-    width, height = resolve_size(str(body.get("size") or "1024x1024"))
+    width, height = resolve_size(str(body["size"])) if body.get("size") else (None, None)
     return GenerationParams(
         prompt=body.get("prompt", ""),
         negative_prompt=body.get("negative_prompt", ""),

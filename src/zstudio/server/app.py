@@ -115,7 +115,7 @@ def serve(
     generator = Generator(model=model, outputs=outputs, device=device, speed=speed, memory=memory)
     generator.load()
     if warmup:
-        log.warning("warming up (one 1024x1024 generation; compiled speed modes compile now)")
+        log.warning("warming up (one generation at the model's size; compiled speed modes compile now)")
         generator.warmup()
     info = generator.info()
     app = create_app(generator, token=token)
@@ -132,7 +132,7 @@ def serve(
     )
     if info["embedded_default"]:
         log.warning(
-            "the real weights are not available: serving the embedded tiny checkpoint (it draws noise); "
-            "run `zstudio download` or pass --model"
+            "the real weights are not available: serving the %s, not Z-Image; run `zstudio download` or pass --model",
+            info["model"],
         )
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -7,7 +7,17 @@ from typing import Any
 
 import gradio as gr
 
-from ..params import ASPECT_RATIOS, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRESETS, GenerationParams, ParamError
+from ..params import (
+    ASPECT_RATIOS,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    PRESETS,
+    GenerationParams,
+    ParamError,
+)
 from .api import Studio, status
 from .jobs import QueueFull
 
@@ -23,8 +33,8 @@ def status_line(studio: Studio) -> str:
     )
     if s["embedded_default"]:
         line = (
-            "⚠️ The real Z-Image weights are not available here: this is the embedded tiny checkpoint, which draws "
-            "noise. Run `zstudio download` (or pass `--model /path/to/folder`) and restart.\n\n" + line
+            f"⚠️ The real Z-Image weights are not available here: this is the {s['model']}, not Z-Image. "
+            "Run `zstudio download` (or pass `--model /path/to/folder`) and restart.\n\n" + line
         )
     return line
 
@@ -57,8 +67,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in PRESETS.values()]
                         aspect = gr.Dropdown(["—", *ASPECT_RATIOS], value="—", label="Aspect ratio (~1 MP)")
                     with gr.Row():
-                        width = gr.Slider(256, 2048, value=1024, step=16, label="Width")
-                        height = gr.Slider(256, 2048, value=1024, step=16, label="Height")
+                        width = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.width, step=16, label="Width")
+                        height = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.height, step=16, label="Height")
                     with gr.Row():
                         steps = gr.Slider(1, MAX_STEPS, value=profile.num_inference_steps, step=1, label="Steps")
                         cfg = gr.Slider(0, 20, value=profile.cfg_scale, step=0.1, label="CFG (0 = off)")

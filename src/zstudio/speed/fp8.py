@@ -24,7 +24,7 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _is_large_linear(module: torch.nn.Module, name: str) -> bool:
+def large_linear_filter(module: torch.nn.Module, name: str) -> bool:
     return (
         isinstance(module, torch.nn.Linear)
         and module.in_features >= MIN_FEATURES
@@ -37,4 +37,6 @@ def _is_large_linear(module: torch.nn.Module, name: str) -> bool:
 def quantize_fp8(transformer) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_is_large_linear)
+    quantize_(
+        transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=large_linear_filter
+    )

@@ -37,17 +37,14 @@ class TokenEncoder:
             torch.compile(self.module, mode="reduce-overhead", dynamic=False) if graphs else self.module.forward
         )
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
     def padded_length(self, n: int) -> int:
         return next((b for b in self.buckets if b >= n), n)
 
-    def __call__(self, ids: list[int]) -> torch.Tensor:
+    def __call__(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """`device` is where the encoder computes: its weights may live elsewhere and be streamed in."""
         length = self.padded_length(len(ids))
         input_ids = torch.full((1, length), self.pad_id, dtype=torch.long)
         input_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        hidden = self.forward(input_ids.to(self.device))
+        hidden = self.forward(input_ids.to(device))
         # A graph replay overwrites its output buffer: keep our own copy of the kept rows.
         return hidden[0, : len(ids)].clone()
