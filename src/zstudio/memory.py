@@ -69,7 +69,7 @@ def choose_memory(requested: str, device: torch.device, free_bytes: int | None, 
 
 def quantize_8bit(transformer, device: torch.device) -> str:
     """8-bit weights for the large linears, quantized on the GPU one layer at a time (no full bf16 copy there)."""
-    from .speed.fp8 import fp8_supported, large_linear_filter
+    from .speed.fp8 import float8_config, fp8_supported, large_linear_filter
 
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -78,11 +78,9 @@ def quantize_8bit(transformer, device: torch.device) -> str:
     if getattr(transformer, "_zstudio_8bit", None):
         return transformer._zstudio_8bit
     if fp8_supported(device)[0]:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-        kind, config = "float8", Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        kind, config = "float8", float8_config()
     else:
-        kind, config = "int8 weight-only", Int8WeightOnlyConfig()
+        kind, config = "int8 weight-only", Int8WeightOnlyConfig(set_inductor_config=False)
     quantize_(transformer, config, filter_fn=large_linear_filter, device=device)
     transformer._zstudio_8bit = kind
     log.info("transformer linears quantized to %s", kind)

@@ -34,9 +34,16 @@ def large_linear_filter(module: torch.nn.Module, name: str) -> bool:
     )
 
 
-def quantize_fp8(transformer) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def float8_config():
+    """torchao's per-row float8 config. `set_inductor_config=False`: otherwise torchao turns on inductor's
+    coordinate-descent autotuning for the whole process, and every later compile (the text encoder's graphs too)
+    tunes each kernel for minutes: the "fastest stall" (docs/bench/2026-11-23-fastest-stall.log)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    quantize_(
-        transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=large_linear_filter
-    )
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def quantize_fp8(transformer) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, float8_config(), filter_fn=large_linear_filter)
