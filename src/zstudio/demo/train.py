@@ -89,11 +89,16 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: 
         if step % 100 == 0 or step == steps - 1:
             log.info("vae step %d/%d loss %.4f", step, steps, loss.item())
     vae.eval()
-    with torch.no_grad():
-        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
+    means = latent_means(vae, images)
     shift, scale = float(means.mean()), float(1 / means.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     return {"shift_factor": shift, "scaling_factor": scale, "final_loss": loss.item()}
+
+
+def latent_means(vae, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's posterior means, in chunks that keep CPU memory small."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,7 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def scaled_latents(vae, images: torch.Tensor) -> torch.Tensor:
     """What the transformer must produce: the inverse of the pipeline's `latents / scale + shift` before decode."""
-    with torch.no_grad():
-        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
+    means = latent_means(vae, images)
     return (means - vae.config.shift_factor) * vae.config.scaling_factor
 
 
