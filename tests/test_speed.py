@@ -68,3 +68,22 @@ def test_bucket_padding_keeps_the_prompt_states(generator):
     with torch.inference_mode():
         cpu = torch.device("cpu")
         torch.testing.assert_close(bucketed(ids, cpu), plain(ids, cpu), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_follow_the_setting_and_stay_off_for_moving_weights(monkeypatch):
+    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "text"
+    monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "ALL")
+    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "all"
+    assert Generator(model="tiny", device="cpu", memory="lowest").graphs == "off"
+    monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "1")
+    with pytest.raises(ParamError, match="ZSTUDIO_CUDA_GRAPHS.*text, all, off"):
+        Generator(model="tiny", device="cpu")
+
+
+def test_profile_variants_parse_and_reject_unknown_options():
+    from zstudio.bench.profile import parse_variant
+
+    assert parse_variant("fast:cudnn:blocks") == {"mode": "fast", "backends": ["cudnn"], "regional": True}
+    assert parse_variant("fastest")["regional"] is None
+    with pytest.raises(ValueError, match="unknown options \\['turbo'\\]; allowed cudnn"):
+        parse_variant("fast:turbo")

@@ -24,9 +24,9 @@ from . import __version__, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import EIGHT_BIT, NEXT_MODE, STREAMED, OutOfMemory, apply_memory, choose_memory, free_after_failure
 from .outputs import save_image
-from .params import MAX_SEED, GenerationParams
+from .params import MAX_SEED, GenerationParams, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
-from .speed import apply_speed, choose_speed
+from .speed import GRAPH_CHOICES, apply_speed, choose_speed
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class Generator:
         settings: Settings | None = None,
     ):
         self.settings = settings or load_settings()
+        self._graphs = check_choice("ZSTUDIO_CUDA_GRAPHS", self.settings.cuda_graphs, GRAPH_CHOICES)
         self.model_spec = model or self.settings.model
         self.device = pick_device(device or self.settings.device)
         self.dtype = pick_dtype(dtype or self.settings.dtype, self.device)
@@ -103,6 +104,11 @@ class Generator:
                     self.source = models.demo_source()
         return self.source
 
+    @property
+    def graphs(self) -> str:
+        """What replays as CUDA graphs: never with moving weights (graphs pin the memory they recorded with)."""
+        return self._graphs if self.memory == "resident" else "off"
+
     def _match_speed_to_memory(self) -> None:
         if self.memory in ("8bit", *STREAMED) and self.speed in ("fast", "fastest"):
             log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
@@ -118,7 +124,7 @@ class Generator:
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
                 apply_memory(pipe, self.memory, self.device)
-                self.token_encoder = apply_speed(pipe, self.speed, text_graphs=self.memory == "resident")
+                self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs)
                 self.pipe = pipe
                 self.load_seconds = time.perf_counter() - start
                 log.info(
@@ -153,7 +159,7 @@ class Generator:
             **kwargs,
         )
         generator.source = source
-        generator.token_encoder = apply_speed(pipe, generator.speed, text_graphs=generator.memory == "resident")
+        generator.token_encoder = apply_speed(pipe, generator.speed, graphs=generator.graphs)
         generator.pipe = pipe
         return generator
 
@@ -261,6 +267,10 @@ class Generator:
         """Move a loaded pipeline down to a lower memory mode (never up: that needs a restart)."""
         with self._lock:
             self.pipe.transformer._compiled_call_impl = None  # lower modes run uncompiled
+            if self.device.type == "cuda":
+                from .speed.compile import drop_graphs
+
+                drop_graphs()
             self.memory = mode
             self._match_speed_to_memory()
             if getattr(self.pipe.transformer, "_zstudio_8bit", None) and mode not in EIGHT_BIT:
@@ -268,7 +278,7 @@ class Generator:
                 self.pipe.transformer = None
                 free_after_failure(self.device)
                 self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
-                apply_speed(self.pipe, self.speed, text_graphs=False)
+                apply_speed(self.pipe, self.speed, graphs="off")
             apply_memory(self.pipe, mode, self.device)
             if self.token_encoder is not None and self.token_encoder.graphs:
                 from .speed.text_encoder import TokenEncoder
@@ -395,7 +405,7 @@ class Generator:
                 embeds = embeds + [uncond.embeds] * batch
                 timestep = timestep.repeat(2)
             out = transformer(list(model_latents.unbind(0)), timestep, embeds, return_dict=False)[0]
-            velocity = torch.stack([o.float() for o in out]).squeeze(2)
+            velocity = torch.stack([o.float() for o in out]).squeeze(2)  # a copy: graph replays reuse `out`
             if uncond is not None and guidance > 0:
                 velocity = self.apply_guidance(velocity[:batch], velocity[batch:], guidance, params.cfg_normalization)
             latents = self.pipe.scheduler.step(-velocity, t, latents, return_dict=False)[0]

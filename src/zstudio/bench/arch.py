@@ -47,17 +47,26 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator, std: float =
         param.copy_(noise)
 
 
+def build_transformer(device: torch.device, dtype: torch.dtype, generator: torch.Generator):
+    """The full-size transformer alone, random weights drawn from `generator` on `device`."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device(device), _default_dtype(dtype):
+        transformer = ZImageTransformer2DModel(**TRANSFORMER)
+        randomize_(transformer, generator)
+    return transformer.eval()
+
+
 def build_full_pipeline(device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A ZImagePipeline of the real sizes with random weights; the tokenizer is zstudio's small BPE."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import Qwen3Config, Qwen3Model
 
     from ..tiny import build_tokenizer
 
     rng = torch.Generator(device).manual_seed(seed)
+    transformer = build_transformer(device, dtype, rng)
     with torch.device(device), _default_dtype(dtype):
-        transformer = ZImageTransformer2DModel(**TRANSFORMER)
-        randomize_(transformer, rng)
         text_encoder = Qwen3Model(Qwen3Config(**TEXT_ENCODER))
         randomize_(text_encoder, rng)
         vae = AutoencoderKL(**VAE)

@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--count", type=int, default=120)
     parser.add_argument("--steps", default="default,9", help="comma list; 'default' is the model's own")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid", type=Path, help="save a grid of the first English pictures here")
     args = parser.parse_args(argv)
-    generator = Generator(model=args.model, device="cpu", dtype="float32").load()
+    generator = Generator(model=args.model, device=args.device, dtype="float32").load()
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "runs": []}
     for steps_text in args.steps.split(","):
         steps = None if steps_text == "default" else int(steps_text)

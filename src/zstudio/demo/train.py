@@ -43,7 +43,7 @@ DEMO_SIZES = Sizes(
     n_refiner_layers=1,
     n_heads=4,
     axes_dims=(8, 8, 8),
-    vae_channels=(16, 32, 32, 64),
+    vae_channels=(16, 32, 64),  # three blocks: 4x downsampling, so a 64x64 picture is 16x16 latents (8x8 tokens)
     vae_groups=8,
 )
 SHIFT = 3.0  # the scheduler's shift: training draws noise levels the way inference visits them
@@ -73,12 +73,12 @@ def images_tensor(scenes: list[Scene]) -> torch.Tensor:
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 3e-4) -> dict:
     """Reconstruction (L1 + MSE, the shape weighted up) of the posterior mean with a small KL term; then the latent
     shift and scale, measured."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # draws stay on the CPU: the same batches on every device
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     vae.train()
     for step in range(steps):
-        x = images[torch.randint(len(images), (batch,), generator=gen)]
+        x = images[torch.randint(len(images), (batch,), generator=gen).to(images.device)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean).sample  # the mean: sampling at the initial σ ≈ 1 blurs colours away
         loss = reconstruction_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -134,7 +134,7 @@ def encode_captions(pipe, captions: list[str]) -> list[torch.Tensor]:
     with torch.no_grad():
         for start in range(0, len(captions), 256):
             chunk = captions[start : start + 256]
-            embeds = pipe._encode_prompt(list(chunk), device=torch.device("cpu"), max_sequence_length=128)
+            embeds = pipe._encode_prompt(list(chunk), device=pipe.text_encoder.device, max_sequence_length=128)
             if any(len(e) >= 128 for e in embeds):
                 raise ValueError("a caption reached 128 tokens; raise max_sequence_length")
             out.extend(e.clone() for e in embeds)
@@ -165,12 +165,13 @@ def train_transformer(
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
     transformer.train()
+    device = latents.device
     for step in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
+        x0 = latents[idx.to(device)]
         caps = [empty if rng.random() < CAPTION_DROPOUT else rng.choice(captions[i]) for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(batch, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        sigma = sample_sigmas(batch, gen).to(device)
         x_t = noisy_latents(x0, noise, sigma)
         out = transformer(list(x_t.unsqueeze(2)), model_time(sigma), caps, return_dict=False)[0]
         loss = F.mse_loss(torch.stack(out).squeeze(2), velocity_target(x0, noise))
@@ -196,8 +197,12 @@ def train(
     steps: int = 5000,
     batch: int = 64,
     overwrite: bool = False,
+    device: str = "cpu",
+    sizes: Sizes = DEMO_SIZES,
 ) -> Path:
-    """Train and write the demo checkpoint to `out` (built aside, renamed into place); returns its folder."""
+    """Train and write the demo checkpoint to `out` (built aside, renamed into place); returns its folder.
+
+    The shipped model is trained on the CPU (float32, reproducible there); `device` lets a GPU try recipes faster."""
     from diffusers import ZImagePipeline
 
     from ..models import quiet_loading
@@ -207,10 +212,10 @@ def train(
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True or pick another folder")
     torch.manual_seed(seed)
     started = time.perf_counter()
-    components = build_components(seed, DEMO_SIZES)
-    pipe = ZImagePipeline(**components)
+    components = build_components(seed, sizes)
+    pipe = ZImagePipeline(**components).to(device)
     train_scenes, _ = split_scenes(seed)
-    images = images_tensor(train_scenes)
+    images = images_tensor(train_scenes).to(device)
 
     vae_stats = train_vae(pipe.vae, images, vae_steps, vae_batch, seed, lr=3e-4)
     t_vae = time.perf_counter() - started
@@ -224,6 +229,7 @@ def train(
     captions = [flat[i * per_scene : (i + 1) * per_scene] for i in range(len(texts))]
     ema, final_loss = train_transformer(pipe.transformer, latents, captions, flat[-1], steps, batch, seed)
     pipe.transformer = ema
+    pipe.to("cpu")
     t_total = time.perf_counter() - started
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +252,7 @@ def train(
                 "total_seconds": round(t_total, 1),
                 "final_loss": round(final_loss, 4),
                 "torch": torch.__version__,
+                "device": device,
                 "threads": torch.get_num_threads(),
                 **vae_stats,
             },
@@ -269,9 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device", default="cpu", help="the shipped model is trained on the CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(args.out, args.seed, args.vae_steps, steps=args.steps, batch=args.batch, overwrite=args.overwrite)
+    train(args.out, args.seed, args.vae_steps, steps=args.steps, batch=args.batch, overwrite=args.overwrite,
+          device=args.device)  # fmt: skip
 
 
 if __name__ == "__main__":

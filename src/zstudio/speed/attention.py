@@ -22,6 +22,19 @@ PREFERRED_BACKENDS = [
 ]
 
 
+BACKEND_NAMES = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def prefer_backends(names: list[str]) -> None:
+    """Change the SDPA preference order (benchmarks); set it before the first compile, which bakes the choice in."""
+    PREFERRED_BACKENDS[:] = [BACKEND_NAMES[n] for n in names]
+
+
 def _backend_context():
     try:
         return sdpa_kernel(PREFERRED_BACKENDS, set_priority=True)

@@ -6,6 +6,11 @@ padding code between the blocks costs as much as the blocks' fused elementwise w
 dynamic mode: the first resolution compiles a static graph, the second a graph with symbolic sizes that then serves
 every resolution and prompt length (prompt lengths vary with every prompt: static graphs would recompile for each).
 The compiler's on-disk caches let later starts skip most of the work.
+
+With `graphs` (resident weights on a CUDA GPU) the compiled transformer also runs as CUDA graphs (inductor's
+"reduce-overhead" mode: per input shape, one call runs normally, the next records, later calls replay), so a step's
+~700 kernel launches and the Python wrapper that issues them become one replay. The recording shares one memory
+pool across shapes; outputs stay valid until the next call, which the step loop respects.
 """
 
 from __future__ import annotations
@@ -13,9 +18,18 @@ from __future__ import annotations
 import torch
 
 
-def compile_transformer(transformer) -> None:
+def compile_transformer(transformer, graphs: bool = False) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    transformer.compile()
+    transformer.compile(mode="reduce-overhead" if graphs else None)
+
+
+def drop_graphs() -> None:
+    """Free the memory that recorded CUDA graphs hold (before a lower memory mode takes over)."""
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    reset_cudagraph_trees()
 
 
 def compile_blocks(transformer) -> None:
