@@ -17,9 +17,9 @@ from zstudio.demo.accuracy import held_out_prompts, measure
 from zstudio.demo.evaluator import judge
 from zstudio.models import DEMO_PROFILE, demo_source
 
-# The bars for colour and background. Its shape bar (0.8) is not met yet: the shipped model draws the right
-# shape about 52-61% of the time on held-out prompts (docs/demo/accuracy.json); 0.4 guards against losing that.
-THRESHOLDS = {"color": 0.9, "background": 0.9, "shape": 0.4}
+# The bars for colour and background. Its shape bar (0.8) is met in Chinese and just missed in English on 120
+# held-out prompts (77.5-84.2%, docs/demo/accuracy.json; this 30-prompt subset: 83% / 77%); 0.7 guards that level.
+THRESHOLDS = {"color": 0.9, "background": 0.9, "shape": 0.7}
 
 
 @pytest.fixture(scope="module")

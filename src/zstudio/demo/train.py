@@ -38,11 +38,11 @@ SIDE = 64  # the demo model's native picture size
 DEMO_SIZES = Sizes(
     text_hidden=64,
     text_layers=2,
-    dim=96,
+    dim=128,
     n_layers=4,
     n_refiner_layers=1,
     n_heads=4,
-    axes_dims=(8, 8, 8),
+    axes_dims=(16, 8, 8),
     vae_channels=(16, 32, 64),  # three blocks: 4x downsampling, so a 64x64 picture is 16x16 latents (8x8 tokens)
     vae_groups=8,
 )
@@ -92,7 +92,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: 
     means = latent_means(vae, images)
     shift, scale = float(means.mean()), float(1 / means.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return {"shift_factor": shift, "scaling_factor": scale, "final_loss": loss.item()}
+    return {"shift_factor": shift, "scaling_factor": scale, "vae_final_loss": loss.item()}
 
 
 def latent_means(vae, images: torch.Tensor) -> torch.Tensor:
