@@ -57,7 +57,7 @@ def top_kernels(transformer, latents, t, embeds, count: int) -> list[dict[str, A
             "ms": e.self_device_time_total / 1e3,
             "share": e.self_device_time_total / total,
             "calls": e.count,
-        }  # fmt: skip
+        }
         for e in rows[:count]
     ]
 
