@@ -55,3 +55,17 @@ def test_evaluator_reads_blurred_scenes_like_a_small_decoder_draws():
     assert (
         sum((j.shape, j.color, j.background) == (s.shape, s.color, s.background) for j, s in zip(judged, scenes)) >= 95
     )
+
+
+def test_evaluator_ignores_a_stray_speckle_away_from_the_shape():
+    """Decoders leave the odd off-colour pixel at a picture's edge; it must not widen the shape's bounding box."""
+    rng = random.Random(4)
+    scenes = [random_scene(rng) for _ in range(50)]
+    for scene in scenes:
+        pixels = np.asarray(render(scene)).copy()
+        pixels[0:2, 60:62] = COLORS[scene.color]  # a 2x2 speckle in the shape's colour, in the top-right corner
+        if scene.position in ("right", "top"):
+            pixels[0:2, 60:62] = COLORS[scene.background]
+            pixels[62:64, 0:2] = COLORS[scene.color]
+        judged = judge(Image.fromarray(pixels))
+        assert (judged.shape, judged.color, judged.position) == (scene.shape, scene.color, scene.position), scene

@@ -2,12 +2,14 @@
 
 After a 3x3 median filter: background = the median colour of the border pixels; shape colour = the median of the
 pixels far from it; foreground mask = pixels nearer the shape colour than the background colour (the midpoint, so a
-blurred edge neither grows nor shrinks the shape); shape = how much of its bounding box the mask fills (square ≈ 1,
+blurred edge neither grows nor shrinks the shape), kept to its largest 8-connected region (a decoder's stray speckle
+at the border must not widen the bounding box); shape = how much of its bounding box that region fills (square ≈ 1,
 circle ≈ π/4, triangle ≈ 1/2).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +52,7 @@ def judge(image: Image.Image) -> Judgement:
     color = nearest_color(shape_rgb)
     mask = ((pixels - shape_rgb) ** 2).sum(axis=2) < distance**2
     area = float(mask.mean())
+    mask = largest_region(mask)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
@@ -58,3 +61,29 @@ def judge(image: Image.Image) -> Judgement:
     cy, cx = ys.mean() / h, xs.mean() / w
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return Judgement(shape, color, background, position, fill, area)
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean mask (a flood fill: pictures are 64x64)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, queue = [], deque([start])
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny in range(max(y - 1, 0), min(y + 2, h)):
+                for nx in range(max(x - 1, 0), min(x + 2, w)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    ys, xs = zip(*best)
+    out[list(ys), list(xs)] = True
+    return out
