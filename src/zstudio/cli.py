@@ -238,14 +238,14 @@ def make_tiny_command(directory: Path, seed: int, overwrite: bool) -> None:
 @main.command("make-demo")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole training run.")
-@click.option("--steps", type=int, default=5000, show_default=True, help="Transformer training steps.")
+@click.option("--steps", type=int, default=None, help="Transformer training steps [default: the shipped model's].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
-def make_demo_command(directory: Path, seed: int, steps: int, overwrite: bool) -> None:
-    """Train the demo model (shapes on plain backgrounds) on this machine's CPU, about half an hour on 2 cores."""
-    from .demo.train import train
+def make_demo_command(directory: Path, seed: int, steps: int | None, overwrite: bool) -> None:
+    """Train the demo model (shapes on plain backgrounds) on this machine's CPU, about an hour on 2 cores."""
+    from .demo.train import STEPS, train
 
     logging.getLogger("zstudio").setLevel(logging.INFO)
-    path = _run(lambda: train(directory, seed=seed, steps=steps, overwrite=overwrite))
+    path = _run(lambda: train(directory, seed=seed, steps=steps or STEPS, overwrite=overwrite))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     click.echo(f"{path}\t{size / 1e6:.1f} MB")
 

@@ -2,7 +2,9 @@
 
 `python -m zstudio.demo.accuracy --count 120 --json docs/demo/accuracy.json` generates through the engine (the same
 path as the CLI, server and UI) from prompts about (shape, colour, background) combinations that training never saw,
-and writes the table the README shows. `--grid FILE` also saves a labelled picture grid.
+and writes the table the README shows. `--grid FILE` also saves a labelled picture grid. `--split training` draws
+prompts about combinations training did see (another seed): the validation set for choosing between models and
+settings, so that the held-out prompts stay a test.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from .train import split_scenes
 FACTORS = ("color", "background", "shape", "position")
 
 
-def held_out_prompts(count: int, language: str, seed: int = 0) -> list[tuple[Scene, str]]:
-    """`count` (scene, caption) pairs drawn with a fixed seed from the held-out combinations."""
-    _, test = split_scenes()
-    rng = random.Random(f"{seed}-{language}")
-    scenes = [rng.choice(test) for _ in range(count)]
+SPLITS = ("held-out", "training")
+
+
+def demo_prompts(count: int, language: str, seed: int = 0, split: str = "held-out") -> list[tuple[Scene, str]]:
+    """`count` (scene, caption) pairs drawn with a fixed seed from the held-out (or the training) combinations."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    train, test = split_scenes()
+    rng = random.Random(f"{seed}-{language}" if split == "held-out" else f"{seed}-{language}-{split}")
+    scenes = [rng.choice(test if split == "held-out" else train) for _ in range(count)]
     return [(s, rng.choice(s.captions_en() if language == "en" else s.captions_zh())) for s in scenes]
 
 
@@ -80,22 +87,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--count", type=int, default=120)
     parser.add_argument("--steps", default="default,9", help="comma list; 'default' is the model's own")
+    parser.add_argument("--split", choices=SPLITS, default="held-out", help="whose combinations the prompts are about")
+    parser.add_argument("--cfg", type=float, help="CFG scale [default: the model's own]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid", type=Path, help="save a grid of the first English pictures here")
     args = parser.parse_args(argv)
     generator = Generator(model=args.model, device=args.device, dtype="float32").load()
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "runs": []}
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "split": args.split, "runs": []}
+    cfg = generator.profile.cfg_scale if args.cfg is None else args.cfg
     for steps_text in args.steps.split(","):
         steps = None if steps_text == "default" else int(steps_text)
         for language in ("en", "zh"):
-            result = measure(generator, held_out_prompts(args.count, language), steps=steps)
+            prompts = demo_prompts(args.count, language, split=args.split)
+            result = measure(generator, prompts, steps=steps, cfg=cfg)
             images = result.pop("images")
             if args.grid and language == "en" and steps is None:
-                prompts = [p for _, p in held_out_prompts(args.count, language)]
-                grid(images[:12], prompts[:12]).save(args.grid)
-            result.update(language=language, steps=steps or generator.profile.num_inference_steps,
-                          cfg=generator.profile.cfg_scale)  # fmt: skip
+                grid(images[:12], [p for _, p in prompts[:12]]).save(args.grid)
+            result.update(language=language, steps=steps or generator.profile.num_inference_steps, cfg=cfg)
             report["runs"].append(result)
             scores = ", ".join(f"{k} {v:.1%}" for k, v in result["accuracy"].items())
             print(

@@ -48,6 +48,7 @@ DEMO_SIZES = Sizes(
 )
 SHIFT = 3.0  # the scheduler's shift: training draws noise levels the way inference visits them
 CAPTION_DROPOUT = 0.1
+STEPS = 5800  # transformer steps of batch 64: what fits the hour on 2 CPU cores with compiled blocks
 HELD_OUT = 24  # (shape, colour, background) triples kept out of training
 
 
@@ -157,11 +158,18 @@ def train_transformer(
     seed: int,
     lr: float = 1e-3,
     ema_decay: float = 0.999,
+    compile_blocks: bool = False,
 ):
-    """Flow matching: at noise level σ the model sees x_σ and time 1 − σ and must output x₀ − ε. Returns the EMA."""
+    """Flow matching: at noise level σ the model sees x_σ and time 1 − σ and must output x₀ − ε. Returns the EMA.
+
+    `compile_blocks` compiles each transformer block (their inputs are already padded to one length): on 2 CPU cores a
+    step takes ~0.43 s instead of ~0.56 s, so more steps fit the hour."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    if compile_blocks:
+        for block in (*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers):
+            block.compile(dynamic=True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
     transformer.train()
@@ -194,11 +202,12 @@ def train(
     seed: int = 0,
     vae_steps: int = 3000,
     vae_batch: int = 8,
-    steps: int = 5000,
+    steps: int = STEPS,
     batch: int = 64,
     overwrite: bool = False,
     device: str = "cpu",
     sizes: Sizes = DEMO_SIZES,
+    compile_blocks: bool = True,
 ) -> Path:
     """Train and write the demo checkpoint to `out` (built aside, renamed into place); returns its folder.
 
@@ -227,7 +236,9 @@ def train(
     flat = encode_captions(pipe, [t for group in texts for t in group] + [""])
     per_scene = len(texts[0])
     captions = [flat[i * per_scene : (i + 1) * per_scene] for i in range(len(texts))]
-    ema, final_loss = train_transformer(pipe.transformer, latents, captions, flat[-1], steps, batch, seed)
+    ema, final_loss = train_transformer(
+        pipe.transformer, latents, captions, flat[-1], steps, batch, seed, compile_blocks=compile_blocks
+    )
     pipe.transformer = ema
     pipe.to("cpu")
     t_total = time.perf_counter() - started
@@ -248,6 +259,7 @@ def train(
                 "vae_batch": vae_batch,
                 "steps": steps,
                 "batch": batch,
+                "compiled_blocks": compile_blocks,
                 "vae_seconds": round(t_vae, 1),
                 "total_seconds": round(t_total, 1),
                 "final_loss": round(final_loss, 4),
@@ -273,14 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", default="cpu", help="the shipped model is trained on the CPU")
+    parser.add_argument("--no-compile", action="store_true", help="run the transformer blocks eagerly (slower)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(args.out, args.seed, args.vae_steps, steps=args.steps, batch=args.batch, overwrite=args.overwrite,
-          device=args.device)  # fmt: skip
+          device=args.device, compile_blocks=not args.no_compile)  # fmt: skip
 
 
 if __name__ == "__main__":
