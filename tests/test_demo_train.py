@@ -63,3 +63,15 @@ def test_training_refuses_to_overwrite_a_folder(trained):
     _, folder = trained
     with pytest.raises(FileExistsError, match="overwrite"):
         train(folder, seed=3, **STEPS)
+
+
+def test_make_demo_refuses_a_non_empty_folder_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    (tmp_path / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["make-demo", str(tmp_path), "--no-compile"])
+    assert result.exit_code != 0
+    assert "overwrite" in result.output and "Traceback" not in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

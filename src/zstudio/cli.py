@@ -240,12 +240,15 @@ def make_tiny_command(directory: Path, seed: int, overwrite: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole training run.")
 @click.option("--steps", type=int, default=None, help="Transformer training steps [default: the shipped model's].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
-def make_demo_command(directory: Path, seed: int, steps: int | None, overwrite: bool) -> None:
+@click.option("--no-compile", is_flag=True, help="Run the transformer blocks eagerly (no C++ compiler needed; slower).")
+def make_demo_command(directory: Path, seed: int, steps: int | None, overwrite: bool, no_compile: bool) -> None:
     """Train the demo model (shapes on plain backgrounds) on this machine's CPU, about an hour on 2 cores."""
     from .demo.train import STEPS, train
 
     logging.getLogger("zstudio").setLevel(logging.INFO)
-    path = _run(lambda: train(directory, seed=seed, steps=steps or STEPS, overwrite=overwrite))
+    path = _run(
+        lambda: train(directory, seed=seed, steps=steps or STEPS, overwrite=overwrite, compile_blocks=not no_compile)
+    )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     click.echo(f"{path}\t{size / 1e6:.1f} MB")
 
