@@ -33,7 +33,7 @@ def assert_meets_thresholds(result):
 
 
 @pytest.mark.parametrize("language", ["en", "zh"])
-def test_demo_draws_demo_prompts(demo, language):
+def test_demo_draws_held_out_prompts(demo, language):
     assert_meets_thresholds(measure(demo, demo_prompts(30, language)))  # ~4 s each on 2 CPU cores
 
 

@@ -12,7 +12,7 @@ from zstudio.tiny import Sizes
 
 SMALL = Sizes(text_hidden=32, text_layers=1, dim=32, n_layers=1, n_heads=2, axes_dims=(8, 4, 4),
               vae_channels=(8, 8, 16), vae_groups=4)  # fmt: skip
-STEPS = {"vae_steps": 4, "vae_batch": 2, "steps": 4, "batch": 4, "sizes": SMALL, "compile_blocks": False}
+FEW_STEPS = {"vae_steps": 4, "vae_batch": 2, "steps": 4, "batch": 4, "sizes": SMALL, "compile_blocks": False}
 
 
 def test_held_out_combinations_never_reach_training():
@@ -36,12 +36,12 @@ def test_accuracy_prompts_come_from_the_split_asked_for():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    return root, train(root / "a", seed=3, **STEPS)
+    return root, train(root / "a", seed=3, **FEW_STEPS)
 
 
 def test_training_is_reproducible_from_its_seed(trained):
     root, first = trained
-    second = train(root / "b", seed=3, **STEPS)
+    second = train(root / "b", seed=3, **FEW_STEPS)
     for part in ("transformer", "vae"):
         [a] = first.joinpath(part).glob("*.safetensors")
         [b] = second.joinpath(part).glob("*.safetensors")
@@ -62,7 +62,7 @@ def test_trained_checkpoint_loads_as_a_demo_profile_model(trained):
 def test_training_refuses_to_overwrite_a_folder(trained):
     _, folder = trained
     with pytest.raises(FileExistsError, match="overwrite"):
-        train(folder, seed=3, **STEPS)
+        train(folder, seed=3, **FEW_STEPS)
 
 
 def test_make_demo_refuses_a_non_empty_folder_in_one_line(tmp_path):

@@ -32,8 +32,9 @@ def demo_prompts(count: int, language: str, seed: int = 0, split: str = "held-ou
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     train, test = split_scenes()
-    rng = random.Random(f"{seed}-{language}" if split == "held-out" else f"{seed}-{language}-{split}")
-    scenes = [rng.choice(test if split == "held-out" else train) for _ in range(count)]
+    pool, key = (test, f"{seed}-{language}") if split == "held-out" else (train, f"{seed}-{language}-{split}")
+    rng = random.Random(key)
+    scenes = [rng.choice(pool) for _ in range(count)]
     return [(s, rng.choice(s.captions_en() if language == "en" else s.captions_zh())) for s in scenes]
 
 
