@@ -146,12 +146,31 @@ def test_generate_returns_paths_time_metadata(generator, tmp_path):
     assert metadata["seeds"] == [11, 12]
     assert metadata["params"]["num_inference_steps"] == 2
     assert len(metadata["images"]) == 2
-    assert set(metadata["timings"]) == {"encode", "denoise", "decode", "total"}
+    assert set(metadata["timings"]) == {"encode", "denoise", "decode", "total", "save"}
 
 
-def test_profile_defaults_apply(generator):
-    result = run(generator, num_inference_steps=None, seed=3)
-    assert result.params.num_inference_steps == 9 and result.params.cfg_scale == 0.0
+def test_default_turbo_image_is_diffusers_eight_step_sampling(generator, reference_pipe):
+    """The Turbo default is the model card's sampling as diffusers 0.42 runs it: num_inference_steps=8, that is 8
+    transformer evaluations at sigmas 1, 7/8, ..., 1/8 (before the shift), then the last step to 0."""
+    calls = []
+    hook = generator.pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        ours = generator.generate_images(GenerationParams(prompt="a red circle on a blue background", **SMALL, seed=5))
+    finally:
+        hook.remove()
+    assert ours.params.num_inference_steps == 8 and ours.params.cfg_scale == 0.0
+    assert len(calls) == 8
+    assert ours.metadata[0]["transformer_evaluations"] == 8
+    reference = reference_pipe(
+        prompt="a red circle on a blue background",
+        **SMALL,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    assert np.abs(pixels(ours.images[0]) - pixels(reference)).max() <= 1
+    sigmas = generator.pipe.scheduler.sigmas
+    assert len(sigmas) == 9 and float(sigmas[-1]) == 0.0
 
 
 def test_bad_input_is_rejected_before_model_work(tiny_dir):

@@ -70,7 +70,12 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--preset", help=f"Same as --size: {SIZE_NAMES}.")
 @click.option("--width", type=int, help="Width in pixels (multiple of 16, 64-2048; default: the model's size).")
 @click.option("--height", type=int, help="Height in pixels (multiple of 16, 64-2048; default: the model's size).")
-@click.option("--steps", type=int, help="Denoising steps (default: the model's, 9 for Turbo).")
+@click.option(
+    "--steps",
+    type=int,
+    help="Steps = transformer evaluations (default: the model's; 8 for Turbo, "
+    "which is what the model card's '9 steps' ran in older diffusers).",
+)
 @click.option("--cfg", type=float, help="Guidance scale, 0 = off (default: the model's, 0 for Turbo).")
 @click.option("--seed", type=int, default=-1, show_default=True, help="Seed; -1 picks one at random.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images to make (1-8).")

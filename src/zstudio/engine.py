@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from PIL import Image
 from . import __version__, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import EIGHT_BIT, NEXT_MODE, STREAMED, OutOfMemory, apply_memory, choose_memory, free_after_failure
-from .outputs import save_image
-from .params import MAX_SEED, GenerationParams, check_choice
+from .outputs import EXTENSIONS, encode_image, write_file
+from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
 from .speed import GRAPH_CHOICES, apply_speed, choose_speed
 
@@ -109,6 +110,15 @@ class Generator:
         """What replays as CUDA graphs: never with moving weights (graphs pin the memory they recorded with)."""
         return self._graphs if self.memory == "resident" else "off"
 
+    @property
+    def compile_cache(self) -> Path:
+        """Where the compiled modes keep the compiler's caches, so a second start loads instead of compiling."""
+        return self.settings.cache_dir / "inductor"
+
+    @property
+    def compiled(self) -> bool:
+        return self.speed in ("fast", "fastest")
+
     def _match_speed_to_memory(self) -> None:
         if self.memory in ("8bit", *STREAMED) and self.speed in ("fast", "fastest"):
             log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
@@ -124,7 +134,7 @@ class Generator:
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
                 apply_memory(pipe, self.memory, self.device)
-                self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs)
+                self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
                 self.load_seconds = time.perf_counter() - start
                 log.info(
@@ -138,14 +148,27 @@ class Generator:
         return self
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] | None = None) -> float:
-        """One unsaved generation per size, so the first user request does not pay compile or allocation costs."""
+        """Unsaved generations before the first request, so that no request pays for compiling or allocating.
+
+        The compiled modes run one step at every size the studio offers (`sizes`, default: the presets and aspect
+        ratios), batches of 1-4 and a guided request (an attention mask), and each text-encoder bucket: all the graph
+        variants a request can meet. Other modes make one image at the model's size."""
         self.load()
         start = time.perf_counter()
-        sizes = sizes or ((self.profile.width, self.profile.height),)
-        for width, height in sizes:
-            self.generate_images(GenerationParams(prompt="warm-up", width=width, height=height, seed=0))
+        p = self.profile
+        if not self.compiled:
+            runs = [GenerationParams(prompt="warm-up", width=p.width, height=p.height, seed=0)]
+        else:
+            runs = warmup_runs(sizes or offered_sizes(p), (p.width, p.height))
+            for length in getattr(self.token_encoder, "buckets", ()):
+                for _ in range(2):  # the first call of a CUDA-graph shape runs, the second records it
+                    self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
+        for i, params in enumerate(runs, 1):
+            log.info("warm-up %d/%d: %dx%d, batch %d%s", i, len(runs), params.width, params.height,
+                     params.num_images, ", guided" if params.cfg_scale else "")  # fmt: skip
+            self.generate_images(params)
         seconds = time.perf_counter() - start
-        log.info("warmed up at %s in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), seconds)
+        log.info("warmed up (%d runs) in %.1f s", len(runs), seconds)
         return seconds
 
     @classmethod
@@ -159,7 +182,9 @@ class Generator:
             **kwargs,
         )
         generator.source = source
-        generator.token_encoder = apply_speed(pipe, generator.speed, graphs=generator.graphs)
+        generator.token_encoder = apply_speed(
+            pipe, generator.speed, graphs=generator.graphs, cache_dir=generator.compile_cache
+        )
         generator.pipe = pipe
         return generator
 
@@ -216,7 +241,9 @@ class Generator:
             )
         )
         result = self.generate_images(params, progress=progress)
+        start = time.perf_counter()
         paths = self.save(result, output_dir)
+        result.timings["save"] = round(time.perf_counter() - start, 4)
         summary = {
             "seeds": result.seeds,
             "seed": result.seeds[0],
@@ -266,10 +293,10 @@ class Generator:
     def switch_memory(self, mode: str) -> None:
         """Move a loaded pipeline down to a lower memory mode (never up: that needs a restart)."""
         with self._lock:
-            self.pipe.transformer._compiled_call_impl = None  # lower modes run uncompiled
-            if self.device.type == "cuda":
-                from .speed.compile import drop_graphs
+            from .speed.compile import drop_graphs, uncompile
 
+            uncompile(self.pipe.transformer)  # lower modes run uncompiled
+            if self.device.type == "cuda":
                 drop_graphs()
             self.memory = mode
             self._match_speed_to_memory()
@@ -317,8 +344,18 @@ class Generator:
         return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
 
     def save(self, result: GenerationResult, output_dir: str | Path | None = None) -> list[Path]:
+        """Write each image with its record inside; files are complete and named in batch order on return.
+
+        A batch's images are encoded in parallel (Pillow's encoder releases the GIL), then written in order."""
         directory = Path(output_dir) if output_dir is not None else self.outputs
-        return [save_image(image, meta, directory) for image, meta in zip(result.images, result.metadata)]
+        fmt = result.params.output_format
+        pairs = list(zip(result.images, result.metadata))
+        if len(pairs) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(pairs), 4)) as pool:
+                blobs = list(pool.map(lambda pair: encode_image(pair[0], pair[1], fmt), pairs))
+        else:
+            blobs = [encode_image(image, meta, fmt) for image, meta in pairs]
+        return [write_file(blob, directory, EXTENSIONS[fmt]) for blob in blobs]
 
     # ------------------------------------------------------------------------------ generation steps
     @staticmethod
@@ -426,10 +463,13 @@ class Generator:
         return pred
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The VAE decode, then diffusers' postprocessing (denormalise in the VAE's dtype, x255, round) done on the
+        device, so a quarter of the bytes (uint8, not float32) cross to the host."""
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         pixels = vae.decode(latents, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")
+        pixels = (pixels * 0.5 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8)
+        return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
     # ---------------------------------------------------------------------------------------- helpers
     def image_metadata(
@@ -448,6 +488,8 @@ class Generator:
                 "profile": source.profile.name,
             },
             "params": params.replace(seed=seeds[index], num_images=1).to_dict(),
+            # Steps count transformer evaluations (diffusers >= 0.42); with CFG each also carries the negative prompt.
+            "transformer_evaluations": params.num_inference_steps,
             "batch": {"index": index, "size": len(seeds), "seeds": seeds},
             "scheduler": {
                 "name": type(scheduler).__name__,
@@ -466,6 +508,25 @@ class Generator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def offered_sizes(profile: models.Profile) -> list[tuple[int, int]]:
+    """The sizes the studio offers for a model: its own, then the presets and aspect ratios (Z-Image's range)."""
+    sizes = [(profile.width, profile.height)]
+    if profile.width >= 512:
+        sizes += [s for s in (*PRESETS.values(), *ASPECT_RATIOS.values()) if s not in sizes]
+    return sizes
+
+
+def warmup_runs(sizes: list[tuple[int, int]], default: tuple[int, int]) -> list[GenerationParams]:
+    """One step at each size, then batches 2-4 and a guided request with a longer negative prompt."""
+    one_step = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0}
+    runs = [GenerationParams(**one_step, width=w, height=h) for w, h in sizes]
+    width, height = default
+    runs += [GenerationParams(**one_step, width=width, height=height, num_images=n) for n in (2, 3, 4)]
+    guided = {**one_step, "cfg_scale": 2.0, "negative_prompt": "a longer negative prompt " * 4}
+    runs += [GenerationParams(**guided, width=width, height=height, num_images=n) for n in (1, 2)]
+    return runs
 
 
 _generator: Generator | None = None

@@ -18,6 +18,8 @@ EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_UNICODE = b"UNICODE\x00"
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+# zlib level 1 (Pillow's wheels bundle zlib-ng): a third of level 6's time for files ~10% larger; docs/perf-notes.md.
+PNG_COMPRESS_LEVEL = 1
 
 
 def a1111_text(meta: dict[str, Any]) -> str:
@@ -44,7 +46,7 @@ def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:
         info = PngImagePlugin.PngInfo()
         info.add_itxt(A1111_KEY, a1111_text(meta))
         info.add_itxt(JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
-        image.save(buffer, format="PNG", pnginfo=info)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     else:
         # EXIF text is ASCII: the JSON escapes the rest; UserComment carries UTF-16 as A1111 writes it.
         exif = Image.Exif()
@@ -55,20 +57,25 @@ def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:
 
 
 def save_image(image: Image.Image, meta: dict[str, Any], directory: Path) -> Path:
-    """Write atomically under a new unique name: a crash never leaves a partial file under that name.
+    """Encode with the parameters inside, then write atomically under a new unique name.
 
     The format is the one recorded in the metadata (`params.output_format`), so file and record agree.
     """
     fmt = meta["params"]["output_format"]
+    return write_file(encode_image(image, meta, fmt), directory, EXTENSIONS[fmt])
+
+
+def write_file(data: bytes, directory: Path, ext: str) -> Path:
+    """Write to a temporary name, fsync, then link to a new `outputs_*` name: a crash never leaves a partial file
+    under a final name, and a file that has its name is on disk."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = encode_image(image, meta, fmt)
     fd, tmp_name = tempfile.mkstemp(prefix=".outputs_", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        return _link_unique(Path(tmp_name), directory, EXTENSIONS[fmt])
+        return _link_unique(Path(tmp_name), directory, ext)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
 

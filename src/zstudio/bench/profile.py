@@ -76,7 +76,7 @@ def profile_variant(variant: str, size: int, tokens: int, repeats: int, kernels:
         prefer_backends(spec["backends"])
     try:
         transformer = build_transformer(torch.device("cuda"), torch.bfloat16, torch.Generator("cuda").manual_seed(0))
-        speed_up_transformer(transformer, spec["mode"], regional=spec["regional"])
+        speed_up_transformer(transformer, spec["mode"], whole=spec["regional"] is False)
         gen = torch.Generator("cuda").manual_seed(0)
         latents = torch.randn(16, 1, size // 8, size // 8, device="cuda", dtype=torch.bfloat16, generator=gen)
         embeds = torch.randn(tokens, 2560, device="cuda", dtype=torch.bfloat16, generator=gen)

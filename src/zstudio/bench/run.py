@@ -100,7 +100,8 @@ def gpu_info() -> dict[str, Any]:
         versions["torchao"] = torchao.__version__
     except ImportError:
         versions["torchao"] = None
-    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "versions": versions}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    return {"gpu": gpu, "driver": driver, "versions": versions}
 
 
 class DiffusersRunner:

@@ -70,7 +70,14 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         width = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.width, step=16, label="Width")
                         height = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.height, step=16, label="Height")
                     with gr.Row():
-                        steps = gr.Slider(1, MAX_STEPS, value=profile.num_inference_steps, step=1, label="Steps")
+                        steps = gr.Slider(
+                            1,
+                            MAX_STEPS,
+                            value=profile.num_inference_steps,
+                            step=1,
+                            label="Steps",
+                            info="transformer evaluations; Turbo's 8 = the model card's '9' in older diffusers",
+                        )
                         cfg = gr.Slider(0, 20, value=profile.cfg_scale, step=0.1, label="CFG (0 = off)")
                     with gr.Row():
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")

@@ -4,14 +4,16 @@
 |---------|---------------------------------------------------------------------------|-------------------|
 | eager   | diffusers' modules as loaded                                              | reference         |
 | exact   | preferred SDPA backend (cuDNN on Hopper), no compile                      | within fp rounding|
-| fast    | exact + real-valued RoPE, torch.compile of the transformer and the VAE    | within bf16 noise |
-|         | decoder, text encoder padded to 4 bucket lengths and run as CUDA graphs   |                   |
-| fastest | fp8 matmuls (torchao) + compiled blocks, Hopper/Ada; EXPERIMENTAL       | approximate       |
+| fast    | exact + real-valued RoPE, the transformer's blocks and the VAE decoder    | within bf16 noise |
+|         | compiled with dynamic shapes, text encoder padded to 4 bucket lengths and |                   |
+|         | run as CUDA graphs                                                        |                   |
+| fastest | fast + fp8 matmuls (torchao), Hopper/Ada                                  | approximate       |
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -43,30 +45,32 @@ def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
     return requested, ""
 
 
-def apply_speed(pipe, mode: str, graphs: str = "text"):
+def apply_speed(pipe, mode: str, graphs: str = "text", cache_dir: Path | None = None):
     """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use.
 
-    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: the text encoder (default: 50 → 7 ms per prompt),
-    also the transformer (`all`: opt-in, it measured only ~1% faster at 1024x1024), or nothing (`off`, and always
-    where weights move between devices: captured graphs pin their memory)."""
+    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: the text encoder (default), also the transformer
+    (`all`, opt-in: the whole model compiled as one graph), or nothing (`off`, and always where weights move between
+    devices: captured graphs pin their memory). Measurements: docs/BENCHMARKS.md."""
     from .text_encoder import BUCKETS, TokenEncoder
 
     if mode == "eager":
         return TokenEncoder(pipe.text_encoder)
     speed_up_transformer(pipe.transformer, mode, graphs=graphs == "all")
     if mode in ("fast", "fastest"):
-        from .compile import compile_vae_decoder
+        from .compile import compile_vae_decoder, use_persistent_cache
 
+        if cache_dir is not None:
+            use_persistent_cache(cache_dir)
         compile_vae_decoder(pipe.vae)
-        pad_id = pipe.tokenizer.pad_token_id or 0
         if graphs != "off":
+            pad_id = pipe.tokenizer.pad_token_id or 0
             return TokenEncoder(pipe.text_encoder, pad_id=pad_id, buckets=BUCKETS, graphs=True)
     return TokenEncoder(pipe.text_encoder)
 
 
-def speed_up_transformer(transformer, mode: str, regional: bool | None = None, graphs: bool = False) -> None:
-    """The transformer's part of a mode. `regional` compiles the repeated blocks only (default: for fastest);
-    `graphs` replays the whole-model compile as CUDA graphs."""
+def speed_up_transformer(transformer, mode: str, whole: bool = False, graphs: bool = False) -> None:
+    """The transformer's part of a mode: compiled blocks with dynamic shapes (speed.compile), or the whole model as
+    one graph (`whole`; with `graphs` also replayed as CUDA graphs)."""
     from .attention import use_fast_attention
 
     use_fast_attention(transformer, real_rope=mode in ("fast", "fastest"))
@@ -77,8 +81,7 @@ def speed_up_transformer(transformer, mode: str, regional: bool | None = None, g
     if mode in ("fast", "fastest"):
         from .compile import compile_blocks, compile_transformer
 
-        regional = mode == "fastest" if regional is None else regional
-        if regional:
-            compile_blocks(transformer)
-        else:
+        if whole or graphs:
             compile_transformer(transformer, graphs=graphs)
+        else:
+            compile_blocks(transformer)

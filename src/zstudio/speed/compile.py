@@ -1,25 +1,46 @@
-"""torch.compile for the transformer and the VAE decoder.
+"""torch.compile for the transformer, the VAE decoder and the text encoder, shaped so that no request stalls.
 
-The whole transformer is compiled, not just its repeated blocks: at 512x512 the patchify, RoPE lookup and
-padding code between the blocks costs as much as the blocks' fused elementwise work saves (measured: regional
-0.305 s vs whole-model 0.266 s on the H100, docs/perf-notes.md). Shapes are left to the compiler's automatic
-dynamic mode: the first resolution compiles a static graph, the second a graph with symbolic sizes that then serves
-every resolution and prompt length (prompt lengths vary with every prompt: static graphs would recompile for each).
-The compiler's on-disk caches let later starts skip most of the work.
+The transformer is compiled block by block (diffusers' `compile_repeated_blocks`: one compiled block serves all 34)
+with dynamic sizes from the start: batch size, image tokens and prompt tokens are symbols, so a new resolution, batch
+or prompt length reuses the graphs instead of recompiling. Compiling the whole model instead specialises on the
+Python lists the model takes (one graph per batch size and padding case) and took minutes per new shape
+(docs/perf-notes.md). What still differs between requests (batch 1 or more, with or without an attention mask,
+blocks with and without modulation) is a handful of graph variants, all compiled by the warm-up
+(`Generator.warmup`) before the first request.
 
-With `graphs` (resident weights on a CUDA GPU) the compiled transformer also runs as CUDA graphs (inductor's
-"reduce-overhead" mode: per input shape, one call runs normally, the next records, later calls replay), so a step's
-~700 kernel launches and the Python wrapper that issues them become one replay. The recording shares one memory
-pool across shapes; outputs stay valid until the next call, which the step loop respects.
+The compiler's on-disk caches (FX graphs, AOT autograd) live under zstudio's cache folder, so a second start only
+traces, and loads the compiled kernels.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 
-def compile_transformer(transformer, graphs: bool = False) -> None:
+def use_persistent_cache(folder: Path) -> None:
+    """Keep inductor's caches in `folder` (unless TORCHINDUCTOR_CACHE_DIR is set): /tmp does not survive reboots."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+
+
+def _allow_variants() -> None:
+    """One code object (the block's forward) holds a graph per variant (batch 1 or more, masked or not, modulated
+    or not): more than dynamo's default of 8 entries before it gives up and runs eager."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def compile_blocks(transformer) -> None:
+    """Regional compilation with symbolic shapes: one block's graph, reused by every block and every request size."""
+    _allow_variants()
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+
+
+def compile_transformer(transformer, graphs: bool = False) -> None:
+    """The whole model as one graph, replayed as CUDA graphs (ZSTUDIO_CUDA_GRAPHS=all, opt-in): each new batch size
+    or padding case compiles again, so the warm-up covers the offered shapes."""
+    _allow_variants()
     transformer.compile(mode="reduce-overhead" if graphs else None)
 
 
@@ -32,13 +53,14 @@ def drop_graphs() -> None:
     reset_cudagraph_trees()
 
 
-def compile_blocks(transformer) -> None:
-    """Regional compilation: one compiled block reused by all 34. Used with float8 weights, where compiling the whole
-    model did not finish its first 1024x1024 call within 8 minutes on the H100 (blocks alone: 120 s)."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    transformer.compile_repeated_blocks(fullgraph=True)
+def uncompile(transformer) -> None:
+    """Undo `compile_blocks` and `compile_transformer` (lower memory modes run eager)."""
+    transformer._compiled_call_impl = None
+    for block in transformer.modules():
+        if block is not transformer and getattr(block, "_compiled_call_impl", None) is not None:
+            block._compiled_call_impl = None
 
 
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile()
+    vae.decoder.compile(dynamic=True)
