@@ -163,6 +163,7 @@ class Generator:
             for length in getattr(self.token_encoder, "buckets", ()):
                 for _ in range(2):  # the first call of a CUDA-graph shape runs, the second records it
                     self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
+                log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)
         for i, params in enumerate(runs, 1):
             log.info("warm-up %d/%d: %dx%d, batch %d%s", i, len(runs), params.width, params.height,
                      params.num_images, ", guided" if params.cfg_scale else "")  # fmt: skip
