@@ -71,12 +71,12 @@ def test_bucket_padding_keeps_the_prompt_states(generator):
 
 
 def test_cuda_graphs_follow_the_setting_and_stay_off_for_moving_weights(monkeypatch):
-    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "text"
+    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "off"
     monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "ALL")
     assert Generator(model="tiny", device="cpu", memory="resident").graphs == "all"
     assert Generator(model="tiny", device="cpu", memory="lowest").graphs == "off"
     monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "1")
-    with pytest.raises(ParamError, match="ZSTUDIO_CUDA_GRAPHS.*text, all, off"):
+    with pytest.raises(ParamError, match="ZSTUDIO_CUDA_GRAPHS.*off, text, all"):
         Generator(model="tiny", device="cpu")
 
 

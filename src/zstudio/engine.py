@@ -162,7 +162,8 @@ class Generator:
             runs = warmup_runs(sizes or offered_sizes(p), (p.width, p.height))
             for length in getattr(self.token_encoder, "buckets", ()):
                 for _ in range(2):  # the first call of a CUDA-graph shape runs, the second records it
-                    self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
+                    with torch.inference_mode():  # as in a generation: grad mode is part of the compiled graph's key
+                        self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
                 log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)
         for i, params in enumerate(runs, 1):
             log.info("warm-up %d/%d: %dx%d, batch %d%s", i, len(runs), params.width, params.height,
@@ -429,27 +430,28 @@ class Generator:
         params: GenerationParams,
         progress: ProgressCallback | None = None,
     ) -> torch.Tensor:
-        """Euler flow-matching steps; with cfg > 0 the negative prompt runs in the same batch."""
-        transformer = self.pipe.transformer
+        """Euler flow-matching steps. With cfg > 0 the negative prompt runs as a second batch rather than in the same
+        one: prompts of different lengths in one batch need an attention mask, another graph for the compiler."""
         batch = latents.shape[0]
         t_norms = ((1000 - timesteps.float()) / 1000).tolist()
         for i, t in enumerate(timesteps):
             guidance = params.cfg_scale if t_norms[i] <= params.cfg_truncation else 0.0
-            model_latents = latents.to(transformer.dtype).unsqueeze(2)
-            embeds = [cond.embeds] * batch
+            model_latents = list(latents.to(self.pipe.transformer.dtype).unsqueeze(2).unbind(0))
             timestep = (1000 - t.expand(batch)) / 1000
+            velocity = self.velocity(model_latents, timestep, cond)
             if uncond is not None and guidance > 0:
-                model_latents = model_latents.repeat(2, 1, 1, 1, 1)
-                embeds = embeds + [uncond.embeds] * batch
-                timestep = timestep.repeat(2)
-            out = transformer(list(model_latents.unbind(0)), timestep, embeds, return_dict=False)[0]
-            velocity = torch.stack([o.float() for o in out]).squeeze(2)  # a copy: graph replays reuse `out`
-            if uncond is not None and guidance > 0:
-                velocity = self.apply_guidance(velocity[:batch], velocity[batch:], guidance, params.cfg_normalization)
+                negative = self.velocity(model_latents, timestep, uncond)
+                velocity = self.apply_guidance(velocity, negative, guidance, params.cfg_normalization)
             latents = self.pipe.scheduler.step(-velocity, t, latents, return_dict=False)[0]
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return latents
+
+    def velocity(self, latents: list[torch.Tensor], timestep: torch.Tensor, prompt: PromptEmbedding) -> torch.Tensor:
+        """One transformer evaluation for a batch sharing one prompt; float32, and a copy (graph replays reuse the
+        output buffer)."""
+        out = self.pipe.transformer(latents, timestep, [prompt.embeds] * len(latents), return_dict=False)[0]
+        return torch.stack([o.float() for o in out]).squeeze(2)
 
     @staticmethod
     def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: float) -> torch.Tensor:
@@ -468,7 +470,8 @@ class Generator:
         device, so a quarter of the bytes (uint8, not float32) cross to the host."""
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        pixels = vae.decode(latents, return_dict=False)[0]
+        # One image at a time: the same pixels, one compiled decoder graph for every batch size, a lower peak.
+        pixels = torch.cat([vae.decode(one, return_dict=False)[0] for one in latents.split(1)])
         pixels = (pixels * 0.5 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8)
         return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 

@@ -9,7 +9,7 @@
 | ZSTUDIO_SPEED     | auto, eager, exact, fast or fastest (see zstudio.speed)        | auto                        |
 | ZSTUDIO_MEMORY    | auto, resident, offload-text, stream or lowest (zstudio.memory)| auto                        |
 | ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
-| ZSTUDIO_CUDA_GRAPHS | what replays as CUDA graphs in fast modes: text, all, off    | text                        |
+| ZSTUDIO_CUDA_GRAPHS | what replays as CUDA graphs in fast modes: off, text, all    | off                         |
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Settings:
     speed: str
     memory: str
     cache_dir: Path
-    cuda_graphs: str = "text"
+    cuda_graphs: str = "off"
 
 
 def load_settings() -> Settings:
@@ -46,5 +46,5 @@ def load_settings() -> Settings:
         speed=os.environ.get("ZSTUDIO_SPEED") or "auto",
         memory=os.environ.get("ZSTUDIO_MEMORY") or "auto",
         cache_dir=Path(cache),
-        cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "text",
+        cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "off",
     )

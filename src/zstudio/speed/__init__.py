@@ -5,8 +5,8 @@
 | eager   | diffusers' modules as loaded                                              | reference         |
 | exact   | preferred SDPA backend (cuDNN on Hopper), no compile                      | within fp rounding|
 | fast    | exact + real-valued RoPE, the transformer's blocks and the VAE decoder    | within bf16 noise |
-|         | compiled with dynamic shapes, text encoder padded to 4 bucket lengths and |                   |
-|         | run as CUDA graphs                                                        |                   |
+|         | compiled with dynamic shapes (opt-in, ZSTUDIO_CUDA_GRAPHS: the text       |                   |
+|         | encoder in 4 length buckets as CUDA graphs)                               |                   |
 | fastest | fast + fp8 matmuls (torchao), Hopper/Ada                                  | approximate       |
 """
 
@@ -22,7 +22,7 @@ from ..params import check_choice
 log = logging.getLogger(__name__)
 
 SPEED_MODES = ("eager", "exact", "fast", "fastest")
-GRAPH_CHOICES = ("text", "all", "off")  # what the fast modes replay as CUDA graphs (ZSTUDIO_CUDA_GRAPHS)
+GRAPH_CHOICES = ("off", "text", "all")  # what the fast modes replay as CUDA graphs (ZSTUDIO_CUDA_GRAPHS)
 
 
 def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
@@ -45,12 +45,13 @@ def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
     return requested, ""
 
 
-def apply_speed(pipe, mode: str, graphs: str = "text", cache_dir: Path | None = None):
+def apply_speed(pipe, mode: str, graphs: str = "off", cache_dir: Path | None = None):
     """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use.
 
-    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: the text encoder (default), also the transformer
-    (`all`, opt-in: the whole model compiled as one graph), or nothing (`off`, and always where weights move between
-    devices: captured graphs pin their memory). Measurements: docs/BENCHMARKS.md."""
+    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: nothing (`off`, the default, and always where weights
+    move between devices: captured graphs pin their memory), the text encoder compiled in 4 length buckets (`text`:
+    faster per new prompt, but compiling Qwen3 at warm-up costs minutes), or also the whole transformer as one graph
+    (`all`). Measurements: docs/BENCHMARKS.md."""
     from .text_encoder import BUCKETS, TokenEncoder
 
     if mode == "eager":
