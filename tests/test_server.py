@@ -20,6 +20,7 @@ from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 
 SMALL = {"width": 256, "height": 256}
+TOKEN = "correct-horse-battery-staple"
 
 
 def free_port() -> int:
@@ -173,10 +174,10 @@ def test_image_paths_cannot_escape_the_outputs_folder(server_generator, tmp_path
 
 
 def test_token_is_required_when_set(server_generator, tmp_path):
-    with Running(create_app(server_generator, tmp_path, token="s3cret", ui=False)) as client:
+    with Running(create_app(server_generator, tmp_path, token=TOKEN, ui=False)) as client:
         assert client.get("/api/v1/health").status_code == 401
         assert client.get("/api/v1/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert client.get("/api/v1/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/api/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
         assert client.post("/v1/images/generations", json={"prompt": "x"}).status_code == 401
 
 
@@ -189,11 +190,12 @@ def test_serving_off_loopback_needs_a_token():
 
 
 def test_history_survives_a_restart_and_interrupted_jobs_are_handled(server_generator, tmp_path):
-    with Running(create_app(server_generator, tmp_path, ui=False)) as client:
+    state = tmp_path / "state"
+    with Running(create_app(server_generator, tmp_path, ui=False, state=state)) as client:
         done = client.post("/api/v1/generations", json={"prompt": "kept", **SMALL, "num_inference_steps": 1}).json()
         wait_done(client, done["id"])
     # simulate a crash that left one job running and one waiting
-    db = sqlite3.connect(tmp_path / "history.sqlite3")
+    db = sqlite3.connect(state / "history.sqlite3")
     params = json.dumps({"prompt": "left behind", **SMALL, "num_inference_steps": 1, "seed": 4})
     db.execute(
         "INSERT INTO jobs (id, status, params, created, total_steps) VALUES ('r1', 'running', ?, 1, 1)", (params,)
@@ -203,7 +205,7 @@ def test_history_survives_a_restart_and_interrupted_jobs_are_handled(server_gene
     )
     db.commit()
     db.close()
-    with Running(create_app(server_generator, tmp_path, ui=False)) as client:
+    with Running(create_app(server_generator, tmp_path, ui=False, state=state)) as client:
         assert client.get(f"/api/v1/generations/{done['id']}").json()["status"] == "done"
         crashed = client.get("/api/v1/generations/r1").json()
         assert crashed["status"] == "failed" and "interrupted" in crashed["error"]
@@ -230,4 +232,4 @@ def test_openai_client_generates(server_generator, tmp_path):
         by_url = openai.images.generate(prompt="x", size="256x256", response_format="url")
         assert httpx.get(by_url.data[0].url).status_code == 200
         bad = client.post("/v1/images/generations", json={"prompt": "x", "size": "100x100"})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "width"
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"  # the OpenAI field that was wrong
