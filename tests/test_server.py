@@ -5,67 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import sqlite3
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
+from helpers import SMALL, TOKEN, Running, wait_done
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
-
-SMALL = {"width": 256, "height": 256}
-TOKEN = "correct-horse-battery-staple"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread, stopped cleanly (the app's shutdown runs)."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.app = app
-
-    def __enter__(self) -> httpx.Client:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        return self.client
-
-    def __exit__(self, *exc):
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")
 def server_generator(tiny_dir):
     return Generator(model=str(tiny_dir), device="cpu").load()
-
-
-def wait_done(client, job_id, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/api/v1/generations/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_generate_poll_and_fetch_image(server_generator, tmp_path):

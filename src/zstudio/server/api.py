@@ -91,6 +91,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": ["body"], "msg": "invalid request"}
         loc = [str(part) for part in first.get("loc", ()) if part != "body"] or ["body"]
+        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+            loc = ["body"]
         message = printable(f"{'.'.join(loc)}: {first.get('msg', 'invalid')}")
         detail = [{"loc": ["body", *loc], "msg": message, "type": first.get("type", "value_error")}]
         return SafeJSONResponse(status_code=422, content={"error": message, "detail": detail})

@@ -129,6 +129,7 @@ class JobQueue:
         self._writer = self._thread(self._write, "zstudio-writer")
         self._watchdog = self._thread(self._watch, "zstudio-watchdog")
         self._crash: str | None = None
+        self._crashed_job: Job | None = None
 
     @staticmethod
     def _thread(target: Callable[[], None], name: str) -> threading.Thread:
@@ -276,11 +277,12 @@ class JobQueue:
 
     # ---------------------------------------------------------------------------------------------- worker
     def _work(self) -> None:
+        job = None
         try:
             while (job := self._next_job()) is not None:
                 self._run(job)
-        except BaseException as err:
-            self._crash = describe(err)
+        except BaseException as err:  # recorded for the watchdog, which fails `job` and starts a new worker
+            self._crash, self._crashed_job = describe(err), job
             raise
 
     def _next_job(self) -> Job | None:
@@ -364,9 +366,7 @@ class JobQueue:
             return
         if not self._worker.is_alive():
             log.error("the GPU worker died (%s); starting a new one", self._crash)
-            with self._changed:
-                job = self.jobs.get(self.running) if self.running else None
-                self.running = None
+            job, self._crashed_job = self._crashed_job, None
             if job is not None and not job.finished:
                 self._finish(job, "failed", error=f"the GPU worker crashed while running this job: {self._crash}")
             self.restarts += 1
