@@ -12,6 +12,7 @@ import uvicorn
 SMALL = {"width": 256, "height": 256}
 TOKEN = "correct-horse-battery-staple"
 FINAL = ("done", "failed", "cancelled")
+QUICK_JOB = {"prompt": "x", **SMALL, "num_inference_steps": 1}
 
 
 def free_port() -> int:

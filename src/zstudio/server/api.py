@@ -54,6 +54,7 @@ class Studio:
         self.queue = queue
         self.outputs = outputs.resolve()
         self.cache_dirs: list[Path] = []
+        self.blocks = None  # the web UI (gradio.Blocks), when mounted
         self.metrics = metrics_registry(queue)
 
     def delete_entry(self, job_id: str) -> dict[str, Any] | None:

@@ -93,7 +93,7 @@ def create_app(
 
         from .ui import build_ui
 
-        blocks = build_ui(studio)
+        blocks = studio.blocks = build_ui(studio)
         studio.cache_dirs.append(Path(blocks.GRADIO_CACHE).resolve())
         app = gr.mount_gradio_app(
             app,

@@ -32,11 +32,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import IMAGE_NAME
 
 TOKEN_COOKIE = "zstudio_session"
+REFUSED_HEADER = "X-Zstudio-Refused"  # on the gate's own refusals, naming the check
 MIN_TOKEN_LENGTH = 16
 BODY_LIMIT_BYTES = 1 * 2**20
 UPLOAD_LIMIT_BYTES = 20 * 2**20
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 FILE_ROUTE = re.compile(r"^/ui(/gradio_api)?/file[=/](?P<path>.*)$", re.DOTALL)
+NEEDS_TOKEN = "a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN in the browser)"
+USE_HEADER = "send the token in an Authorization header"
 UPLOAD_ROUTE = re.compile(r"^/ui(/gradio_api)?/upload/?$")
 
 
@@ -92,8 +95,11 @@ class HostPolicy:
 
 
 class Refused(Exception):
-    def __init__(self, status: int, message: str):
+    """A request the gate turns away; `check` names which check (host, token, origin, body, file)."""
+
+    def __init__(self, check: str, status: int, message: str):
         super().__init__(message)
+        self.check = check
         self.status = status
         self.message = message
 
@@ -123,7 +129,9 @@ class AccessGuard:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008, "reason": refusal.message[:120]})
                 return
-            extra = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+            extra = {REFUSED_HEADER: refusal.check}
+            if refusal.status == 401:
+                extra["WWW-Authenticate"] = "Bearer"
             await JSONResponse({"error": refusal.message}, refusal.status, headers=extra)(scope, receive, send)
             return
         if not from_query:
@@ -145,7 +153,7 @@ class AccessGuard:
         """Raise `Refused`, or say whether the request was let in by ?token= (then the session cookie is set)."""
         host = headers.get("host", "")
         if not self.hosts.allows(host):
-            raise Refused(400, f"Host {_shown(host_name(host))} is not a name this server answers to; "
+            raise Refused("host", 400, f"Host {_shown(host_name(host))} is not a name this server answers to; "
                                "add it with --allowed-host")  # fmt: skip
         bearer = from_query = False
         if self.token:
@@ -154,21 +162,19 @@ class AccessGuard:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
             from_query = not bearer and self._matches(query, self.token)
             if not (bearer or from_query or self._matches(session, self.session)):
-                raise Refused(401, "a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN in "
-                                   "the browser)")  # fmt: skip
+                raise Refused("token", 401, NEEDS_TOKEN)
         origin = headers.get("origin")
         if not bearer:
             if origin is not None and _netloc(origin) != host.strip().lower():
-                raise Refused(403, f"cross-origin request from {_shown(origin)} refused; send the token in an "
-                                   "Authorization header")  # fmt: skip
+                raise Refused("origin", 403, f"cross-origin request from {_shown(origin)} refused; {USE_HEADER}")
             if scope.get("method") in STATE_CHANGING and headers.get("sec-fetch-site") == "cross-site":
-                raise Refused(403, "cross-site request refused; send the token in an Authorization header")
+                raise Refused("origin", 403, f"cross-site request refused; {USE_HEADER}")
         path = scope.get("path", "")
         if scope.get("method") in STATE_CHANGING or "content-length" in headers:
             self._check_body(path, headers)
         match = FILE_ROUTE.match(path)
         if match and not self._servable(match["path"]):
-            raise Refused(404, "not found: only generated images are served")
+            raise Refused("file", 404, "not found: only generated images are served")
         return from_query
 
     @staticmethod
@@ -178,13 +184,13 @@ class AccessGuard:
     @staticmethod
     def _check_body(path: str, headers: Headers) -> None:
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise Refused(411, "send a Content-Length (chunked request bodies are not accepted)")
+            raise Refused("body", 411, "send a Content-Length (chunked request bodies are not accepted)")
         limit = UPLOAD_LIMIT_BYTES if UPLOAD_ROUTE.match(path) else BODY_LIMIT_BYTES
         length = headers.get("content-length", "0")
         if not length.isascii() or not length.isdigit():
-            raise Refused(400, f"Content-Length {_shown(length)} is not a number of bytes")
+            raise Refused("body", 400, f"Content-Length {_shown(length)} is not a number of bytes")
         if int(length) > limit:
-            raise Refused(413, f"the request body is {int(length)} bytes; at most {limit} are accepted here")
+            raise Refused("body", 413, f"the request body is {int(length)} bytes; at most {limit} are accepted here")
 
     def _servable(self, requested: str) -> bool:
         """Gradio's file route may serve an image by its generated name from the outputs folder or the UI's copies."""
