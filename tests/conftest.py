@@ -14,6 +14,7 @@ SMALL = {"width": 256, "height": 256}  # the smallest allowed size: fast on a 2-
 def _isolated_env(monkeypatch, tmp_path_factory):
     """Keep tests away from the user's caches and from the network."""
     monkeypatch.setenv("ZSTUDIO_CACHE", str(tmp_path_factory.getbasetemp() / "zstudio-cache"))
+    monkeypatch.setenv("ZSTUDIO_STATE", str(tmp_path_factory.getbasetemp() / "zstudio-state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("ZSTUDIO_MODEL", "ZSTUDIO_OUTPUTS", "ZSTUDIO_DEVICE", "ZSTUDIO_DTYPE"):
         monkeypatch.delenv(name, raising=False)

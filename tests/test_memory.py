@@ -6,23 +6,64 @@ import torch
 
 from conftest import SMALL
 from zstudio import GenerationParams, Generator
-from zstudio.memory import OutOfMemory, choose_memory
+from zstudio.memory import (
+    HEADROOM_GIB,
+    MEASURED_PEAK_GIB,
+    NEXT_MODE,
+    ModelWeights,
+    OutOfMemory,
+    available_modes,
+    choose_memory,
+    needed_gb,
+    next_modes,
+)
 from zstudio.params import ParamError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 GB = 2**30
 
 
+ALL = ("resident", "offload-text", "8bit", "stream", "lowest")
+NO_TORCHAO = ("resident", "offload-text", "stream", "lowest")
+
+
 def test_auto_picks_the_fastest_mode_that_fits():
-    assert choose_memory("auto", CUDA, 40 * GB)[0] == "resident"
-    assert choose_memory("auto", CUDA, 16 * GB)[0] == "offload-text"
-    assert choose_memory("auto", CUDA, 14 * GB, 512, 512)[0] == "offload-text"
-    assert choose_memory("auto", CUDA, 12 * GB, 512, 512)[0] == "8bit"
-    assert choose_memory("auto", CUDA, 12 * GB)[0] == "8bit"
-    assert choose_memory("auto", CUDA, 8 * GB)[0] == "stream"
-    mode, why = choose_memory("auto", CUDA, 2 * GB)
+    assert choose_memory("auto", CUDA, 40 * GB, modes=ALL)[0] == "resident"
+    assert choose_memory("auto", CUDA, 23.5 * GB, modes=ALL)[0] == "offload-text"  # 23.38 GiB measured + headroom
+    assert choose_memory("auto", CUDA, 16 * GB, modes=ALL)[0] == "8bit"  # offload-text peaked at 16.09
+    assert choose_memory("auto", CUDA, 16 * GB, 512, 512, modes=ALL)[0] == "offload-text"
+    assert choose_memory("auto", CUDA, 11.5 * GB, modes=ALL)[0] == "8bit"
+    assert choose_memory("auto", CUDA, 8 * GB, modes=ALL)[0] == "stream"
+    mode, why = choose_memory("auto", CUDA, 2 * GB, modes=ALL)
     assert mode == "lowest" and "may not fit" in why
     assert choose_memory("auto", CPU, None)[0] == "resident"
+
+
+def test_auto_never_picks_a_mode_whose_dependencies_are_missing():
+    """The issue's case: 11.5 GiB free picked 8bit on a default install without torchao, which failed at load."""
+    mode, why = choose_memory("auto", CUDA, 11.5 * GB, modes=NO_TORCHAO)
+    assert mode == "stream" and "8bit" not in why
+    with pytest.raises(ParamError, match="memory: mode 8bit needs torchao"):
+        choose_memory("8bit", CUDA, 80 * GB, modes=NO_TORCHAO)
+    assert next_modes(NO_TORCHAO)["offload-text"] == "stream"  # out-of-memory retries skip it too
+    assert NEXT_MODE == next_modes(available_modes())
+
+
+def test_estimates_reproduce_the_measured_peaks_and_grow_with_size_and_model():
+    for mode, (at_512, at_1024) in MEASURED_PEAK_GIB.items():
+        assert needed_gb(mode, 512, 512) == pytest.approx(at_512 + HEADROOM_GIB)
+        assert needed_gb(mode, 1024, 1024) == pytest.approx(at_1024 + HEADROOM_GIB)
+        assert needed_gb(mode, 2048, 2048) > needed_gb(mode, 1024, 1024)
+    small = ModelWeights(transformer=1.0, text_encoder=1.0, vae=0.1)
+    assert needed_gb("resident", weights=small) < needed_gb("resident") - 15
+    assert needed_gb("stream", weights=small) == pytest.approx(needed_gb("stream"))  # streamed: weights stay off
+
+
+def test_model_weights_are_read_from_the_folder(tiny_dir):
+    weights = ModelWeights.from_folder(tiny_dir)
+    on_disk = sum(f.stat().st_size for f in tiny_dir.rglob("*.safetensors")) / GB
+    assert weights.transformer > 0 and weights.text_encoder > 0 and weights.vae > 0
+    assert weights.on_gpu("resident") == pytest.approx(on_disk)
 
 
 def test_explicit_modes_and_fallbacks():

@@ -30,6 +30,16 @@ def make(**kw):
         ({"output_format": "gif"}, "output_format", "png, jpeg, webp"),
         ({"max_sequence_length": 513}, "max_sequence_length", "outside 1-512"),
         ({"width": "512"}, "width", "whole number"),
+        ({"cfg_scale": True}, "cfg_scale", "must be a number"),
+        ({"cfg_normalization": True}, "cfg_normalization", "must be a number"),
+        ({"cfg_truncation": False}, "cfg_truncation", "must be a number"),
+        ({"cfg_truncation": math.nan}, "cfg_truncation", "outside 0-1"),
+        ({"seed": True}, "seed", "whole number"),
+        ({"prompt": "x" * 8001}, "prompt", "8001 characters; at most 8000"),
+        ({"negative_prompt": "y" * 8001}, "negative_prompt", "at most 8000"),
+        ({"prompt": "a\ud800b"}, "prompt", "unpaired UTF-16 surrogate (0xd800) at character 1"),
+        ({"prompt": "a\x00"}, "prompt", "NUL character"),
+        ({"output_format": 5}, "output_format", "must be text"),
     ],
 )
 def test_bad_input_names_the_field(changes, field, fragment):
@@ -62,6 +72,27 @@ def test_presets_and_aspect_ratios():
     with pytest.raises(ParamError) as info:
         resolve_size("huge")
     assert info.value.field == "size"
+
+
+def test_size_takes_ascii_digits_only():
+    for name in ("１０２４x１０２４", "٥١٢x٥١٢", "512x512\u0660", "99999999999x16"):
+        with pytest.raises(ParamError) as info:
+            resolve_size(name)
+        assert info.value.field == "size"
+
+
+def test_cost_limit_names_the_limit():
+    make(width=2048, height=2048, num_inference_steps=100, num_images=1).check_cost(500)
+    with pytest.raises(ParamError) as info:
+        make(width=2048, height=2048, num_inference_steps=100, num_images=8).check_cost(500)
+    assert info.value.field == "max_megapixel_steps"
+    assert "3355 megapixel-steps, over this server's limit of 500" in str(info.value)
+
+
+def test_errors_about_bad_text_stay_one_encodable_line():
+    err = ParamError("\ud800field", "bad\nvalue \udfff")
+    assert "\n" not in str(err)
+    str(err).encode("utf-8")  # raises if a lone surrogate survived
 
 
 def test_profile_defaults_fill_only_unset_fields():

@@ -5,66 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import sqlite3
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
+from helpers import SMALL, TOKEN, Running, wait_done
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
-
-SMALL = {"width": 256, "height": 256}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread, stopped cleanly (the app's shutdown runs)."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.app = app
-
-    def __enter__(self) -> httpx.Client:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        return self.client
-
-    def __exit__(self, *exc):
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")
 def server_generator(tiny_dir):
     return Generator(model=str(tiny_dir), device="cpu").load()
-
-
-def wait_done(client, job_id, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/api/v1/generations/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_generate_poll_and_fetch_image(server_generator, tmp_path):
@@ -173,10 +129,10 @@ def test_image_paths_cannot_escape_the_outputs_folder(server_generator, tmp_path
 
 
 def test_token_is_required_when_set(server_generator, tmp_path):
-    with Running(create_app(server_generator, tmp_path, token="s3cret", ui=False)) as client:
+    with Running(create_app(server_generator, tmp_path, token=TOKEN, ui=False)) as client:
         assert client.get("/api/v1/health").status_code == 401
         assert client.get("/api/v1/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert client.get("/api/v1/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/api/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
         assert client.post("/v1/images/generations", json={"prompt": "x"}).status_code == 401
 
 
@@ -189,11 +145,12 @@ def test_serving_off_loopback_needs_a_token():
 
 
 def test_history_survives_a_restart_and_interrupted_jobs_are_handled(server_generator, tmp_path):
-    with Running(create_app(server_generator, tmp_path, ui=False)) as client:
+    state = tmp_path / "state"
+    with Running(create_app(server_generator, tmp_path, ui=False, state=state)) as client:
         done = client.post("/api/v1/generations", json={"prompt": "kept", **SMALL, "num_inference_steps": 1}).json()
         wait_done(client, done["id"])
     # simulate a crash that left one job running and one waiting
-    db = sqlite3.connect(tmp_path / "history.sqlite3")
+    db = sqlite3.connect(state / "history.sqlite3")
     params = json.dumps({"prompt": "left behind", **SMALL, "num_inference_steps": 1, "seed": 4})
     db.execute(
         "INSERT INTO jobs (id, status, params, created, total_steps) VALUES ('r1', 'running', ?, 1, 1)", (params,)
@@ -203,7 +160,7 @@ def test_history_survives_a_restart_and_interrupted_jobs_are_handled(server_gene
     )
     db.commit()
     db.close()
-    with Running(create_app(server_generator, tmp_path, ui=False)) as client:
+    with Running(create_app(server_generator, tmp_path, ui=False, state=state)) as client:
         assert client.get(f"/api/v1/generations/{done['id']}").json()["status"] == "done"
         crashed = client.get("/api/v1/generations/r1").json()
         assert crashed["status"] == "failed" and "interrupted" in crashed["error"]
@@ -230,4 +187,4 @@ def test_openai_client_generates(server_generator, tmp_path):
         by_url = openai.images.generate(prompt="x", size="256x256", response_format="url")
         assert httpx.get(by_url.data[0].url).status_code == 200
         bad = client.post("/v1/images/generations", json={"prompt": "x", "size": "100x100"})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "width"
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"  # the OpenAI field that was wrong

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from test_server import Running
+from helpers import Running
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app

@@ -304,12 +304,31 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--port", type=int, default=7860, show_default=True)
 @click.option("--model", help="Hub id, diffusers folder, or 'tiny' [env ZSTUDIO_MODEL].")
 @click.option("--outputs", type=click.Path(file_okay=False, path_type=Path), help="Output folder [./outputs].")
-@click.option("--token", envvar="ZSTUDIO_TOKEN", help="API/UI token [env ZSTUDIO_TOKEN]; required off loopback.")
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the history database, never served [env ZSTUDIO_STATE, one folder per outputs].",
+)
+@click.option("--token", envvar="ZSTUDIO_TOKEN", help="API/UI token, 16+ characters [env ZSTUDIO_TOKEN]; required "
+              "off loopback.")  # fmt: skip
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Another Host name to answer to (a reverse proxy's name); repeatable. Default: the bound names.",
+)
+@click.option(
+    "--max-megapixel-steps",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Per-request limit on width x height x steps x images / 1e6 [env ZSTUDIO_MAX_MEGAPIXEL_STEPS, 500].",
+)
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
 @click.option("--speed", help="auto, eager, exact, fast or fastest.")
 @click.option("--memory", help="auto, resident, offload-text, 8bit, stream or lowest.")
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up generation at start.")
-def serve(host, port, model, outputs, token, device, speed, memory, no_warmup) -> None:
+@click.option("--no-ui", is_flag=True, help="Serve the HTTP API only (no /ui).")
+def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel_steps, device, speed, memory,
+          no_warmup, no_ui) -> None:  # fmt: skip
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""
     from .server.app import serve as run_server
 
@@ -324,6 +343,10 @@ def serve(host, port, model, outputs, token, device, speed, memory, no_warmup) -
             speed=speed,
             memory=memory,
             warmup=not no_warmup,
+            state=state,
+            allowed_hosts=allowed_hosts,
+            max_megapixel_steps=max_megapixel_steps,
+            ui=not no_ui,
         )
     )
 

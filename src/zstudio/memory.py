@@ -11,60 +11,132 @@
 |               | at a time, transfers overlapped with compute on a CUDA stream (group offloading)   |
 | lowest        | + leaf-level streaming and a tiled, sliced VAE decode                              |
 
-The memory each mode needs is an estimate (weights plus activations scaling with pixels, below) that `auto`
-compares with the card's free memory; `python -m zstudio.bench.memory` measures the real peaks.
+`auto` takes the fastest mode that (a) can run here (8bit needs torchao, an optional extra: `pip install
+'zstudio[fp8]'`) and (b) fits the card's free memory by an estimate built from measured peaks: for each mode the
+peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
+weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model the
+weights part is read from its own files; beyond 1024x1024 the pixel term is extrapolated.
+
+torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
+which would break a default install that never uses 8-bit weights.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .params import check_choice
+from .params import ParamError, check_choice
 
 log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("resident", "offload-text", "8bit", "stream", "lowest")
-NEXT_MODE = {"resident": "offload-text", "offload-text": "8bit", "8bit": "stream", "stream": "lowest", "lowest": None}
 # Streamed modes keep bf16 weights: diffusers 0.42's CUDA-stream offloading cannot move torchao's 8-bit tensors.
 EIGHT_BIT = ("8bit",)
 STREAMED = ("stream", "lowest")
-WEIGHTS_GB = {"resident": 20.5, "offload-text": 12.5, "8bit": 6.8, "stream": 1.5, "lowest": 0.5}
-# Estimated, not yet measured at batch 1: the 26.6 GB peak in docs/BENCHMARKS.md includes batch-4 runs. At
-# 1024x1024 one transformer layer's largest tensors are ~0.1 GB (4224 tokens x 10240 x bf16) and the VAE decode's
-# ~0.3 GB (128 channels x 1024² x bf16), a few alive at a time.
-ACTIVATIONS_GB_AT_1MP = 2.5
-HEADROOM_GB = 0.75
+GIB = 2**30
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_modes() -> tuple[str, ...]:
+    """The modes whose dependencies are installed, fastest first."""
+    return tuple(m for m in MEMORY_MODES if m not in EIGHT_BIT or installed("torchao"))
+
+
+def next_modes(modes: tuple[str, ...]) -> dict[str, str | None]:
+    return {mode: (modes[i + 1] if i + 1 < len(modes) else None) for i, mode in enumerate(modes)}
+
+
+# Where an out-of-memory retry goes from each mode (skipping modes that cannot run here).
+NEXT_MODE = next_modes(available_modes())
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """GiB of weights per component, as loaded (bf16 for Z-Image)."""
+
+    transformer: float
+    text_encoder: float
+    vae: float
+
+    @classmethod
+    def from_folder(cls, path: Path) -> ModelWeights:
+        """Read from a diffusers folder's safetensors sizes (the weights of a bf16 checkpoint, as stored)."""
+
+        def gib(component: str) -> float:
+            return sum(f.stat().st_size for f in (path / component).glob("*.safetensors")) / GIB
+
+        return cls(gib("transformer"), gib("text_encoder"), gib("vae"))
+
+    def on_gpu(self, mode: str) -> float:
+        """The weights a mode keeps on the GPU between generations."""
+        if mode == "resident":
+            return self.transformer + self.text_encoder + self.vae
+        if mode == "offload-text":
+            return self.transformer + self.vae
+        if mode in EIGHT_BIT:
+            return self.transformer / 2 + self.vae
+        return 0.0  # streamed: one block at a time, in the fixed part
+
+
+# Z-Image-Turbo in bf16 (20.5 GB of safetensors): what the measurements below were taken with.
+Z_IMAGE = ModelWeights(transformer=11.46, text_encoder=7.46, vae=0.16)
+# Peak reserved GiB of the full-size model, measured per mode at 512x512 and 1024x1024 on an H100
+# (docs/BENCHMARKS.md, 2026-11-23 "memory modes", `python -m zstudio.bench.memory`).
+MEASURED_PEAK_GIB = {
+    "resident": (20.84, 23.38),
+    "offload-text": (13.59, 16.09),
+    "8bit": (8.42, 10.93),
+    "stream": (2.68, 5.19),
+    "lowest": (2.21, 4.69),
+}
+MEASURED_MP = (512 * 512 / 1e6, 1024 * 1024 / 1e6)
+HEADROOM_GIB = 0.25  # fragmentation and the allocator's rounding on a card that is not otherwise empty
 
 
 class OutOfMemory(RuntimeError):
     """A generation ran out of GPU memory; the message names the next mode that would fit."""
 
 
-def needed_gb(mode: str, width: int = 1024, height: int = 1024) -> float:
-    activations = ACTIVATIONS_GB_AT_1MP * width * height / 2**20
-    if mode == "lowest":
-        activations /= 2  # tiled decode; the transformer's activations stay
-    return WEIGHTS_GB[mode] + activations + HEADROOM_GB
+def needed_gb(mode: str, width: int = 1024, height: int = 1024, weights: ModelWeights = Z_IMAGE) -> float:
+    """Estimated peak GiB for one image of `width` x `height` in `mode`, for a model with `weights`."""
+    (small, large), (mp_small, mp_large) = MEASURED_PEAK_GIB[mode], MEASURED_MP
+    per_mp = (large - small) / (mp_large - mp_small)  # activations: mostly the VAE decode
+    fixed = small - per_mp * mp_small - Z_IMAGE.on_gpu(mode)
+    return weights.on_gpu(mode) + fixed + per_mp * width * height / 1e6 + HEADROOM_GIB
 
 
 def choose_memory(requested: str, device: torch.device, free_bytes: int | None, width: int = 1024,
-                  height: int = 1024) -> tuple[str, str]:  # fmt: skip
-    """(mode, reason): `auto` takes the fastest mode whose estimate fits the free memory for this size."""
+                  height: int = 1024, weights: ModelWeights = Z_IMAGE, modes: tuple[str, ...] | None = None
+                  ) -> tuple[str, str]:  # fmt: skip
+    """(mode, reason): `auto` takes the fastest runnable mode whose estimate fits the free memory for this size.
+
+    `modes` are those that can run (default: those whose dependencies are installed)."""
     requested = check_choice("memory", requested, ("auto", *MEMORY_MODES))
+    modes = available_modes() if modes is None else modes
     if device.type != "cuda":
         if requested in ("8bit", *STREAMED):
             return "offload-text", (f"memory mode {requested} (8-bit or streamed weights) is for CUDA GPUs; "
                                     f"on {device} using offload-text")  # fmt: skip
         return ("resident" if requested == "auto" else requested), ""
     if requested != "auto":
+        if requested not in modes:
+            raise ParamError("memory", f"mode {requested} needs torchao: pip install 'zstudio[fp8]' (or torchao)")
         return requested, ""
-    free_gb = (free_bytes or 0) / 2**30
-    for mode in MEMORY_MODES:
-        if needed_gb(mode, width, height) <= free_gb:
-            return mode, f"memory mode {mode}: needs about {needed_gb(mode, width, height):.1f} GB, {free_gb:.1f} free"
-    return "lowest", f"memory mode lowest: only {free_gb:.1f} GB free; even this mode may not fit"
+    free_gb = (free_bytes or 0) / GIB
+    for mode in modes:
+        need = needed_gb(mode, width, height, weights)
+        if need <= free_gb:
+            return mode, f"memory mode {mode}: needs about {need:.1f} GiB at {width}x{height}, {free_gb:.1f} free"
+    skipped = "" if "8bit" in modes else " (8bit skipped: torchao is not installed)"
+    return modes[-1], f"memory mode {modes[-1]}: only {free_gb:.1f} GiB free; even this mode may not fit{skipped}"
 
 
 def quantize_8bit(transformer, device: torch.device) -> str:

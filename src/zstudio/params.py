@@ -20,7 +20,14 @@ MAX_CFG = 20.0
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 MAX_SEQUENCE_LENGTH = 512
+# Characters, not tokens: the encoder reads at most MAX_SEQUENCE_LENGTH tokens (the rest is truncated and recorded),
+# so longer text only bloats the history and every PNG's metadata.
+MAX_PROMPT_CHARS = 8000
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+
+# A request's work: width x height x steps x images, in millions. 500 admits 1024x1024 x 50 steps x 8 images and
+# 2048x2048 x 100 steps x 1 image; a server can set its own (--max-megapixel-steps).
+DEFAULT_MAX_MEGAPIXEL_STEPS = 500.0
 
 # Quick presets as users of the earlier WebUI know them, keyed by the name the CLI and UI accept.
 PRESETS: dict[str, tuple[int, int]] = {
@@ -46,8 +53,15 @@ class ParamError(ValueError):
     """Bad input: names the field, the value and what is allowed, in one line."""
 
     def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {message}")
+        # Bad input may carry lone surrogates or line breaks; the message must still encode and stay one line.
+        self.field = printable(str(field_name))
+        super().__init__(f"{self.field}: {printable(message)}")
+
+
+def printable(text: str) -> str:
+    """`text` as valid one-line UTF-8: lone surrogates and line breaks become backslash escapes."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def check_choice(field_name: str, value: str | None, choices: tuple[str, ...]) -> str:
@@ -67,10 +81,39 @@ def resolve_size(name: str) -> tuple[int, int]:
         return ASPECT_RATIOS[key]
     if "x" in key:
         w, _, h = key.partition("x")
-        if w.isdigit() and h.isdigit():
+        if _ascii_digits(w) and _ascii_digits(h):
             return int(w), int(h)
     allowed = ", ".join([*PRESETS, *ASPECT_RATIOS])
     raise ParamError("size", f"unknown size or preset {name!r}; use WxH (e.g. 1024x768) or one of {allowed}")
+
+
+def _ascii_digits(text: str) -> bool:
+    """0-9 only: str.isdigit() also accepts full-width and other scripts' digits, which int() then reads."""
+    return text.isascii() and text.isdigit() and len(text) <= 6
+
+
+def _check_text(name: str, value: Any, required: bool) -> None:
+    if not isinstance(value, str):
+        raise ParamError(name, f"must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ParamError(name, "must not be empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ParamError(name, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ord(value[err.start])
+        raise ParamError(name, f"has an unpaired UTF-16 surrogate ({bad:#x}) at character {err.start}") from None
+    if "\x00" in value:
+        raise ParamError(name, f"has a NUL character at character {value.index(chr(0))}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, note: str = "") -> None:
+    """A real number (not a boolean, not NaN) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(name, f"must be a number, got {value!r}")
+    if math.isnan(value) or not low <= value <= high:
+        raise ParamError(name, f"{value} is outside {low:g}-{high:g}{note}")
 
 
 def _nearest_multiples(value: int) -> str:
@@ -114,12 +157,8 @@ class GenerationParams:
     cfg_truncation: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise ParamError("prompt", f"must be text, got {type(self.prompt).__name__}")
-        if not self.prompt.strip():
-            raise ParamError("prompt", "must not be empty")
-        if not isinstance(self.negative_prompt, str):
-            raise ParamError("negative_prompt", f"must be text, got {type(self.negative_prompt).__name__}")
+        _check_text("prompt", self.prompt, required=True)
+        _check_text("negative_prompt", self.negative_prompt, required=False)
         if self.width is not None:
             _check_side("width", self.width)
         if self.height is not None:
@@ -133,8 +172,8 @@ class GenerationParams:
         if self.num_inference_steps is not None:
             _check_int_range("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
         if self.cfg_scale is not None:
-            self._check_cfg(self.cfg_scale)
-        if self.seed != -1:
+            _check_number("cfg_scale", self.cfg_scale, 0, MAX_CFG, " (0 turns guidance off)")
+        if isinstance(self.seed, bool) or self.seed != -1:
             _check_int_range("seed", self.seed, 0, MAX_SEED)
         _check_int_range("num_images", self.num_images, 1, MAX_IMAGES)
         if self.seed != -1 and self.seed + self.num_images - 1 > MAX_SEED:
@@ -144,23 +183,16 @@ class GenerationParams:
                 f"{self.seed} with {self.num_images} images would use seeds up to {last}, past {MAX_SEED}",
             )
         _check_int_range("max_sequence_length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
-        fmt = str(self.output_format).lower()
+        if not isinstance(self.output_format, str):
+            raise ParamError("output_format", f"must be text, got {type(self.output_format).__name__}")
+        fmt = self.output_format.lower()
         if fmt == "jpg":
             fmt = "jpeg"
         if fmt not in OUTPUT_FORMATS:
             raise ParamError("output_format", f"{self.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
         object.__setattr__(self, "output_format", fmt)
-        if not (isinstance(self.cfg_normalization, (int, float)) and 0 <= self.cfg_normalization <= 10):
-            raise ParamError("cfg_normalization", f"{self.cfg_normalization!r} is outside 0-10 (0 = off)")
-        if not (isinstance(self.cfg_truncation, (int, float)) and 0 <= self.cfg_truncation <= 1):
-            raise ParamError("cfg_truncation", f"{self.cfg_truncation!r} is outside 0-1")
-
-    @staticmethod
-    def _check_cfg(value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamError("cfg_scale", f"must be a number, got {value!r}")
-        if math.isnan(value) or value < 0 or value > MAX_CFG:
-            raise ParamError("cfg_scale", f"{value} is outside 0-{MAX_CFG:g} (0 turns guidance off)")
+        _check_number("cfg_normalization", self.cfg_normalization, 0, 10, " (0 = off)")
+        _check_number("cfg_truncation", self.cfg_truncation, 0, 1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
@@ -185,6 +217,21 @@ class GenerationParams:
             else num_inference_steps,
             cfg_scale=float(self.cfg_scale) if self.cfg_scale is not None else float(cfg_scale),
         )
+
+    def megapixel_steps(self) -> float:
+        """The work this request asks for (fields resolved with `with_defaults` first)."""
+        return self.width * self.height * self.num_inference_steps * self.num_images / 1e6
+
+    def check_cost(self, limit: float) -> None:
+        """Refuse work above `limit` megapixel-steps, naming the limit and what to lower."""
+        cost = self.megapixel_steps()
+        if cost > limit:
+            raise ParamError(
+                "max_megapixel_steps",
+                f"{self.width}x{self.height} x {self.num_inference_steps} steps x {self.num_images} images is "
+                f"{cost:.0f} megapixel-steps, over this server's limit of {limit:g}; "
+                "lower the size, steps or images (the limit is set by --max-megapixel-steps)",
+            )
 
     def replace(self, **changes: Any) -> GenerationParams:
         return dataclasses.replace(self, **changes)

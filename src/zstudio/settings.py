@@ -10,6 +10,9 @@
 | ZSTUDIO_MEMORY    | auto, resident, offload-text, stream or lowest (zstudio.memory)| auto                        |
 | ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
 | ZSTUDIO_CUDA_GRAPHS | what replays as CUDA graphs in fast modes: off, text, all    | off                         |
+| ZSTUDIO_STATE     | the server's history database (never inside the outputs)      | ~/.local/state/zstudio      |
+| ZSTUDIO_TOKEN     | API/UI token of `zstudio serve` (16+ characters)              | none (loopback only)        |
+| ZSTUDIO_MAX_MEGAPIXEL_STEPS | per-request work limit: width x height x steps x images / 1e6 | 500         |
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 
@@ -31,12 +36,17 @@ class Settings:
     memory: str
     cache_dir: Path
     cuda_graphs: str = "off"
+    state_dir: Path = Path("~/.local/state/zstudio").expanduser()
+    max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS
 
 
 def load_settings() -> Settings:
     """Read the environment now (not at import), so tests and front ends can set it first."""
     cache = os.environ.get("ZSTUDIO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zstudio"
+    )
+    state = os.environ.get("ZSTUDIO_STATE") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "zstudio"
     )
     return Settings(
         model=os.environ.get("ZSTUDIO_MODEL") or None,
@@ -47,4 +57,19 @@ def load_settings() -> Settings:
         memory=os.environ.get("ZSTUDIO_MEMORY") or "auto",
         cache_dir=Path(cache),
         cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "off",
+        state_dir=Path(state),
+        max_megapixel_steps=_positive_number("ZSTUDIO_MAX_MEGAPIXEL_STEPS", DEFAULT_MAX_MEGAPIXEL_STEPS),
     )
+
+
+def _positive_number(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ParamError(name, f"{text!r} is not a positive number")
+    return value

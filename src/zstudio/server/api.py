@@ -1,61 +1,117 @@
 """HTTP routes: the native API under /api/v1, OpenAI's images endpoint under /v1, and /metrics.
 
-Routes translate HTTP into the engine's one parameters type and the job queue; validation errors are the
-engine's own `ParamError`, answered as 422 with the field named.
+Routes translate HTTP into the engine's one parameters type and the job queue. Every failure is one line naming what
+was wrong: bad input 422 (400 in OpenAI's shape on /v1), a full queue 429, a server that cannot run jobs now (worker
+down, engine unusable, disk full) 503, each with the reason.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..devices import free_memory_bytes
-from ..params import GenerationParams, ParamError, resolve_size
-from .jobs import Job, JobQueue, QueueFull
+from ..params import GenerationParams, ParamError, printable, resolve_size
+from .history import PAGE_BYTES
+from .jobs import Job, JobQueue, QueueFull, Unavailable, describe
+from .metrics import metrics_registry, metrics_text
+from .protocol import GenerationRequest, OpenAIImageRequest
 
 IMAGE_NAME = re.compile(r"^outputs_\d{14}(_\d+)?\.(png|jpg|webp)$")
 RETRY_AFTER_S = 5
+MAX_OFFSET = 10**9
+SSE_PING_S = 15
+DISCONNECT_POLL_S = 0.5
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone surrogate echoed from bad input becomes its \\uXXXX escape, not a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace"
+        )
 
 
 class Studio:
-    """What the routes share: the queue (which holds the generator and history) and the outputs folder."""
+    """What the routes share: the queue (which holds the generator and history), the outputs folder, and the
+    folders where the web UI keeps copies of images (so deleting an entry deletes those too)."""
 
     def __init__(self, queue: JobQueue, outputs: Path):
         self.queue = queue
         self.outputs = outputs.resolve()
+        self.cache_dirs: list[Path] = []
+        self.blocks = None  # the web UI (gradio.Blocks), when mounted
+        self.metrics = metrics_registry(queue)
 
     def delete_entry(self, job_id: str) -> dict[str, Any] | None:
-        """Forget a finished job and delete its files; None if there is no such entry."""
+        """Forget a finished job: its row (overwritten in the database file), its images and every cached copy."""
         job = self.queue.get(job_id)
         if job is not None and not job.finished:
-            raise HTTPException(409, "the job is still queued or running; cancel it first")
+            raise HTTPException(409, "the job is still queued, running or saving; cancel it first")
         record = self.queue.history.delete(job_id)
         if record is not None:
             for name in record["outputs"]:
                 if IMAGE_NAME.match(name):
                     (self.outputs / name).unlink(missing_ok=True)
+                    for cache in self.cache_dirs:
+                        for copy in cache.glob(f"*/{name}"):
+                            copy.unlink(missing_ok=True)
             self.queue.jobs.pop(job_id, None)
         return record
 
 
-def param_error_response(err: ParamError) -> JSONResponse:
-    return JSONResponse(
-        status_code=422,
-        content={"detail": [{"loc": ["body", err.field], "msg": str(err), "type": "value_error"}], "error": str(err)},
-    )
+def error_response(status: int, message: str, field: str | None = None, **headers: str) -> SafeJSONResponse:
+    content: dict[str, Any] = {"error": message}
+    if field is not None:
+        content["detail"] = [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    return SafeJSONResponse(status_code=status, content=content, headers=headers or None)
 
 
-def queue_full_response(err: QueueFull) -> JSONResponse:
-    return JSONResponse(status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)}, content={"error": str(err)})
+def unavailable_response(reason: str) -> SafeJSONResponse:
+    return error_response(503, reason, **{"Retry-After": str(RETRY_AFTER_S)})
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """One-line errors for everything the framework raises, and 503 (not 500) when the disk or database fails."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": ["body"], "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"] or ["body"]
+        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+            loc = ["body"]
+        message = printable(f"{'.'.join(loc)}: {first.get('msg', 'invalid')}")
+        detail = [{"loc": ["body", *loc], "msg": message, "type": first.get("type", "value_error")}]
+        return SafeJSONResponse(status_code=422, content={"error": message, "detail": detail})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        message = printable(str(err.detail))
+        return SafeJSONResponse(status_code=err.status_code, content={"error": message, "detail": message},
+                                headers=getattr(err, "headers", None))  # fmt: skip
+
+    @app.exception_handler(sqlite3.Error)
+    async def database_error(request: Request, err: sqlite3.Error):
+        queue: JobQueue = request.app.state.studio.queue
+        return unavailable_response(describe(err, queue.history.path.parent))
+
+    @app.exception_handler(OSError)
+    async def storage_error(request: Request, err: OSError):
+        return unavailable_response(describe(err))
 
 
 def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -75,23 +131,9 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
         }
     else:
         assert record is not None
-        data = {
-            k: record[k]
-            for k in (
-                "id",
-                "status",
-                "params",
-                "step",
-                "total_steps",
-                "outputs",
-                "seeds",
-                "seconds",
-                "error",
-                "created",
-                "started",
-                "finished",
-            )
-        }
+        keys = ("id", "status", "params", "step", "total_steps", "outputs", "seeds", "seconds", "error", "created",
+                "started", "finished")  # fmt: skip
+        data = {k: record[k] for k in keys}
         data["position"] = None
     data["images"] = [
         {"url": f"/api/v1/images/{name}", "seed": seed} for name, seed in zip(data["outputs"], data["seeds"])
@@ -100,27 +142,29 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
 
 
 def build_router(studio: Studio) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(default_response_class=SafeJSONResponse)
     queue = studio.queue
 
     def find(job_id: str) -> dict[str, Any]:
         job = queue.get(job_id)
         record = None if job else queue.history.get(job_id)
         if job is None and record is None:
-            raise HTTPException(404, f"no job {job_id}")
+            raise HTTPException(404, f"no job {printable(job_id)}")
         return job_view(studio, job, record)
 
     @router.post("/api/v1/generations", status_code=202, tags=["generations"])
-    def create_generation(body: dict[str, Any] = Body(..., examples=[{"prompt": "a red fox in snow", "seed": 42}])):
-        """Validate and enqueue; answers 202 with the job id and queue position."""
+    def create_generation(body: GenerationRequest):
+        """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
+        jobs cannot run now, each with the reason)."""
         try:
-            params = GenerationParams.from_dict(body)
-            job = queue.submit(params)
+            job = queue.submit(GenerationParams.from_dict(body.model_dump(exclude_unset=True)))
         except ParamError as err:
-            return param_error_response(err)
+            return error_response(422, str(err), err.field)
         except QueueFull as err:
-            return queue_full_response(err)
-        return JSONResponse(
+            return error_response(429, str(err), **{"Retry-After": str(RETRY_AFTER_S)})
+        except Unavailable as err:
+            return unavailable_response(str(err))
+        return SafeJSONResponse(
             status_code=202, content={"id": job.id, "status": job.status, "position": queue.position(job.id)}
         )
 
@@ -130,9 +174,9 @@ def build_router(studio: Studio) -> APIRouter:
 
     @router.delete("/api/v1/generations/{job_id}", tags=["generations"])
     def cancel_generation(job_id: str):
-        """Cancel: a waiting job at once, a running one at its next step."""
+        """Cancel: a waiting job at once, a running one before its next transformer block."""
         if queue.cancel(job_id) is None:
-            raise HTTPException(404, f"no running or waiting job {job_id}")
+            raise HTTPException(404, f"no running or waiting job {printable(job_id)}")
         return find(job_id)
 
     @router.get("/api/v1/generations/{job_id}/events", tags=["generations"])
@@ -140,114 +184,134 @@ def build_router(studio: Studio) -> APIRouter:
         """Server-Sent Events: one `progress` event per change, then `done`, `failed` or `cancelled`."""
         job = queue.get(job_id)
         if job is None:
-            record = find(job_id)  # 404 if unknown; a job of an earlier run: its final state, once
-            return StreamingResponse(
-                iter([f"event: {record['status']}\ndata: {json.dumps(record)}\n\n"]), media_type="text/event-stream"
-            )
+            record = await run_in_threadpool(find, job_id)  # 404 if unknown; an earlier run's job: its final state
+
+            async def once():
+                yield {"event": record["status"], "data": json.dumps(record, ensure_ascii=False)}
+
+            return EventSourceResponse(once())
 
         async def stream():
             seen = -1
             while True:
                 if job.version != seen:
                     seen = job.version
-                    view = job_view(studio, job)
                     event = job.status if job.finished else "progress"
-                    yield f"event: {event}\ndata: {json.dumps(view)}\n\n"
+                    yield {"event": event, "data": json.dumps(job_view(studio, job), ensure_ascii=False)}
                     if job.finished:
                         return
-                changed = await asyncio.to_thread(queue.wait, job, seen, 15.0)
-                if not changed:
-                    yield ": keep-alive\n\n"
+                await queue.wait_async(job, seen, SSE_PING_S)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventSourceResponse(stream(), ping=SSE_PING_S)
 
     @router.get("/api/v1/images/{name}", tags=["images"])
     def get_image(name: str):
-        """A generated file, only from the outputs folder."""
-        path = (studio.outputs / name).resolve()
-        if not IMAGE_NAME.match(name) or path.parent != studio.outputs:
+        """A generated file, by name, only from the outputs folder."""
+        if not IMAGE_NAME.match(name):
             raise HTTPException(404, "no such image")
+        path = studio.outputs / name
         if not path.is_file():
             raise HTTPException(404, "no such image")
         return FileResponse(path)
 
     @router.get("/api/v1/history", tags=["history"])
-    def history(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0)):
-        records = queue.history.list(limit=limit, offset=offset)
+    def history(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
+        """Newest first; a page holds at most `limit` entries and about 1 MB (then `next_offset` continues)."""
+        records = queue.history.page(limit=limit, offset=offset, max_bytes=PAGE_BYTES)
+        total = queue.history.count()
+        following = offset + len(records)
         return {
-            "total": queue.history.count(),
+            "total": total,
             "limit": limit,
             "offset": offset,
+            "next_offset": following if following < total else None,
             "items": [job_view(studio, None, r) for r in records],
         }
 
     @router.delete("/api/v1/history/{job_id}", tags=["history"])
     def delete_history(job_id: str):
-        """Forget a finished job and delete its files."""
+        """Forget a finished job: its database row, its files and the web UI's copies of them."""
         record = studio.delete_entry(job_id)
         if record is None:
-            raise HTTPException(404, f"no job {job_id}")
+            raise HTTPException(404, f"no job {printable(job_id)}")
         return {"deleted": job_id, "files": record["outputs"]}
 
     @router.get("/api/v1/health", tags=["status"])
     def health():
-        return status(studio)
+        """200 while jobs are accepted; 503 with the reason while the worker, the engine or the disk cannot."""
+        data = status(studio)
+        return SafeJSONResponse(status_code=200 if data["status"] == "ok" else 503, content=data)
 
-    @router.get("/metrics", response_class=PlainTextResponse, tags=["status"])
+    @router.get("/metrics", tags=["status"])
     def metrics():
-        return prometheus_text(studio)
+        return Response(metrics_text(studio.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.post("/v1/images/generations", tags=["openai"])
-    def openai_images(request: Request, body: dict[str, Any] = Body(...)):
-        """OpenAI-compatible and synchronous: prompt, n, size "WxH", response_format b64_json|url, optional seed."""
+    async def openai_images(request: Request, body: OpenAIImageRequest):
+        """OpenAI-compatible and synchronous: prompt, n, size "WxH", response_format b64_json|url, optional seed.
+        If the client goes away before the images are ready, its job is cancelled."""
         try:
             params = openai_params(body)
-            job = queue.run_sync(params)
+            job = await run_in_threadpool(queue.submit, params)
         except ParamError as err:
-            return JSONResponse(
-                status_code=400,
-                content={"error": {"message": str(err), "type": "invalid_request_error", "param": err.field}},
-            )
+            field = {"num_images": "n", "width": "size", "height": "size"}.get(err.field, err.field)
+            return openai_error(400, str(err), "invalid_request_error", field)
         except QueueFull as err:
-            return queue_full_response(err)
+            return openai_error(429, str(err), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        except Unavailable as err:
+            return openai_error(503, str(err), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        while True:
+            seen = job.version
+            if job.finished:
+                break
+            await queue.wait_async(job, seen, DISCONNECT_POLL_S)
+            if not job.finished and await request.is_disconnected():
+                queue.cancel(job.id)
+                return Response(status_code=499)  # nobody reads it: the client has gone
         if job.status != "done":
-            return JSONResponse(
-                status_code=500, content={"error": {"message": job.error or job.status, "type": "server_error"}}
-            )
-        fmt = body.get("response_format") or "b64_json"
+            code = 503 if queue.unavailable() else 500 if job.status == "failed" else 409
+            return openai_error(code, job.error or f"the job was {job.status}", "server_error")
+        fmt = body.response_format or "b64_json"
         data = []
         for name, seed in zip(job.outputs, job.seeds):
             if fmt == "url":
                 data.append({"url": str(request.base_url).rstrip("/") + f"/api/v1/images/{name}", "seed": seed})
             else:
-                encoded = base64.b64encode((studio.outputs / name).read_bytes()).decode()
-                data.append({"b64_json": encoded, "seed": seed, "revised_prompt": job.params.prompt})
+                raw = await run_in_threadpool((studio.outputs / name).read_bytes)
+                data.append({"b64_json": base64.b64encode(raw).decode(), "seed": seed,
+                             "revised_prompt": job.params.prompt})  # fmt: skip
         return {"created": int(time.time()), "data": data}
 
     return router
 
 
-def openai_params(body: dict[str, Any]) -> GenerationParams:
-    """Map OpenAI's request onto ours; fields that mean nothing here (model, quality, style) are ignored."""
-    if body.get("response_format", "b64_json") not in ("b64_json", "url"):
-        raise ParamError("response_format", f"{body['response_format']!r} is not one of b64_json, url")
-    width, height = resolve_size(str(body["size"])) if body.get("size") else (None, None)
+def openai_error(status: int, message: str, kind: str, param: str | None = None, headers=None) -> SafeJSONResponse:
+    error = {"message": printable(message), "type": kind, "param": param}
+    return SafeJSONResponse(status_code=status, content={"error": error}, headers=headers)
+
+
+def openai_params(body: OpenAIImageRequest) -> GenerationParams:
+    """Map OpenAI's request onto ours."""
+    width, height = resolve_size(body.size) if body.size else (None, None)
     return GenerationParams(
-        prompt=body.get("prompt", ""),
-        negative_prompt=body.get("negative_prompt", ""),
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or "",
         width=width,
         height=height,
-        num_images=body.get("n") or 1,
-        seed=body.get("seed", -1) if body.get("seed") is not None else -1,
+        num_images=body.n if body.n is not None else 1,
+        seed=body.seed if body.seed is not None else -1,
     )
 
 
 def status(studio: Studio) -> dict[str, Any]:
-    generator = studio.queue.generator
+    queue = studio.queue
+    generator = queue.generator
     free = free_memory_bytes(generator.device)
     info = generator.info()
+    reason = queue.unavailable()
     return {
-        "status": "ok",
+        "status": "ok" if reason is None else "unavailable",
+        "reason": reason,
         "version": __version__,
         "model": info["model"],
         "model_loaded": info["loaded"],
@@ -257,38 +321,5 @@ def status(studio: Studio) -> dict[str, Any]:
         "speed": info["speed"],
         "memory_mode": info["memory_mode"],
         "free_gpu_memory_gb": round(free / 2**30, 2) if free is not None else None,
-        "queue": {"waiting": len(studio.queue.waiting), "running": studio.queue.running},
+        "queue": {"waiting": len(queue.waiting), "running": queue.running, "worker_restarts": queue.restarts},
     }
-
-
-def prometheus_text(studio: Studio) -> str:
-    queue = studio.queue
-    lines = ["# HELP zstudio_jobs_total Jobs by final or current status.", "# TYPE zstudio_jobs_total counter"]
-    for state in ("queued", "done", "failed", "cancelled"):
-        lines.append(f'zstudio_jobs_total{{status="{state}"}} {queue.counts.get(state, 0)}')
-    lines += [
-        "# HELP zstudio_queue_length Jobs waiting.",
-        "# TYPE zstudio_queue_length gauge",
-        f"zstudio_queue_length {len(queue.waiting)}",
-        "# HELP zstudio_job_running 1 while a job runs.",
-        "# TYPE zstudio_job_running gauge",
-        f"zstudio_job_running {1 if queue.running else 0}",
-    ]
-    if queue.image_seconds:
-        recent = sorted(queue.image_seconds)
-        lines += [
-            "# HELP zstudio_seconds_per_image Median seconds per image over the last 200 jobs.",
-            "# TYPE zstudio_seconds_per_image gauge",
-            f"zstudio_seconds_per_image {recent[len(recent) // 2]:.4f}",
-        ]
-    device = queue.generator.device
-    if device.type == "cuda":
-        import torch
-
-        lines += [
-            "# TYPE zstudio_gpu_memory_allocated_bytes gauge",
-            f"zstudio_gpu_memory_allocated_bytes {torch.cuda.memory_allocated(device)}",
-            "# TYPE zstudio_gpu_memory_reserved_bytes gauge",
-            f"zstudio_gpu_memory_reserved_bytes {torch.cuda.memory_reserved(device)}",
-        ]
-    return "\n".join(lines) + "\n"

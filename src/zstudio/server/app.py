@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
-import ipaddress
 import logging
+import os
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 
 from .. import __version__
 from ..engine import Generator
-from .api import Studio, build_router
-from .history import History
-from .jobs import DEFAULT_MAX_WAITING, JobQueue
+from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
+from ..settings import load_settings
+from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
+from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, is_loopback
+from .history import DB_NAME, History, state_folder
+from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
 
 log = logging.getLogger(__name__)
-TOKEN_COOKIE = "zstudio_token"
+
+__all__ = ["create_app", "serve", "is_loopback", "check_writable"]
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def check_token(token: str | None) -> None:
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ParamError(
+            "token",
+            f"is {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(24))' makes one)",
+        )
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written there; else one line naming the folder."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".zstudio-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ParamError(what, f"cannot write to {folder}: {err.strerror or err}") from None
 
 
 def create_app(
@@ -36,11 +50,22 @@ def create_app(
     token: str | None = None,
     max_waiting: int = DEFAULT_MAX_WAITING,
     ui: bool = True,
+    state: Path | None = None,
+    hosts: HostPolicy | None = None,
+    max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS,
+    keep_finished_s: float = DEFAULT_KEEP_FINISHED_S,
 ) -> FastAPI:
+    """The whole server as one ASGI app. `state` holds the history database (default: a folder per outputs folder
+    under ZSTUDIO_STATE); `hosts` the Host names it answers to (default: loopback names only)."""
+    check_token(token)
     outputs = Path(outputs) if outputs is not None else generator.outputs
     generator.outputs = outputs
-    history = History(outputs)
-    queue = JobQueue(generator, history, max_waiting=max_waiting)
+    state = Path(state) if state is not None else state_folder(generator.settings.state_dir, outputs)
+    check_writable(outputs, "outputs")
+    check_writable(state, "state")
+    history = History(state / DB_NAME, legacy=outputs / DB_NAME)
+    queue = JobQueue(generator, history, max_waiting=max_waiting, max_megapixel_steps=max_megapixel_steps,
+                     keep_finished_s=keep_finished_s)  # fmt: skip
     studio = Studio(queue, outputs)
 
     @contextlib.asynccontextmanager
@@ -56,41 +81,39 @@ def create_app(
         title="zstudio",
         version=__version__,
         lifespan=lifespan,
-        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images.",
+        default_response_class=SafeJSONResponse,
+        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images. "
+        "With a token set, send `Authorization: Bearer TOKEN`.",
     )
     app.state.studio = studio
-
-    if token:
-
-        @app.middleware("http")
-        async def require_token(request: Request, call_next):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            given = given or request.cookies.get(TOKEN_COOKIE, "") or request.query_params.get("token", "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse(
-                    status_code=401,
-                    content={
-                        "error": "a valid API token is required "
-                        "(Authorization: Bearer TOKEN, or ?token=TOKEN in the browser)"
-                    },
-                )
-            response = await call_next(request)
-            if request.query_params.get("token"):
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-            return response
-
+    add_error_handlers(app)
     app.include_router(build_router(studio))
     if ui:
         import gradio as gr
 
         from .ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(studio), path="/ui", allowed_paths=[str(outputs)])
+        blocks = studio.blocks = build_ui(studio)
+        studio.cache_dirs.append(Path(blocks.GRADIO_CACHE).resolve())
+        app = gr.mount_gradio_app(
+            app,
+            blocks,
+            path="/ui",
+            allowed_paths=[str(outputs)],
+            blocked_paths=[str(state)],
+            max_file_size=UPLOAD_LIMIT_BYTES,
+        )
 
         @app.get("/", include_in_schema=False)
         def root():
             return RedirectResponse("/ui/")
 
+    app.add_middleware(
+        AccessGuard,
+        hosts=hosts or HostPolicy.for_bind("127.0.0.1"),
+        token=token,
+        file_roots=lambda: [studio.outputs, *studio.cache_dirs],
+    )
     return app
 
 
@@ -104,21 +127,34 @@ def serve(
     speed: str | None = None,
     memory: str | None = None,
     warmup: bool = True,
+    state: str | Path | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+    max_megapixel_steps: float | None = None,
+    ui: bool = True,
 ) -> None:
     """Load the model, warm it up, then serve until interrupted."""
     import uvicorn
 
     if not is_loopback(host) and not token:
-        from ..params import ParamError
-
         raise ParamError("token", f"binding to {host} exposes the studio to the network; set --token or ZSTUDIO_TOKEN")
-    generator = Generator(model=model, outputs=outputs, device=device, speed=speed, memory=memory)
+    check_token(token)
+    settings = load_settings()
+    folder = Path(outputs) if outputs is not None else settings.outputs
+    check_writable(folder, "outputs")  # before minutes of loading, and in one line
+    generator = Generator(model=model, outputs=folder, device=device, speed=speed, memory=memory, settings=settings)
     generator.load()
     if warmup:
         log.warning("warming up (one generation at the model's size; compiled speed modes compile now)")
         generator.warmup()
     info = generator.info()
-    app = create_app(generator, token=token)
+    app = create_app(
+        generator,
+        token=token,
+        state=Path(state) if state else None,
+        hosts=HostPolicy.for_bind(host, allowed_hosts),
+        max_megapixel_steps=max_megapixel_steps or settings.max_megapixel_steps,
+        ui=ui,
+    )
     log.warning(
         "zstudio %s: http://%s:%d  model %s  device %s (%s, speed %s)  memory mode %s",
         __version__,

@@ -1,16 +1,23 @@
-"""Every accepted job, kept in SQLite under the outputs folder, so history survives restarts.
+"""Every accepted job, kept in SQLite in the server's state folder, so history survives restarts.
 
-The schema carries a version (`PRAGMA user_version`) and upgrades itself through the MIGRATIONS list, oldest first.
+The database lives outside the outputs folder: the outputs folder is served (images by name), the state folder never
+is. The schema carries a version (`PRAGMA user_version`) and upgrades itself through the MIGRATIONS list, oldest
+first. Deleted rows are overwritten (`secure_delete`) and the write-ahead log is checkpointed and truncated, so a
+deleted prompt does not stay readable in the database files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = [
     """
@@ -33,18 +40,34 @@ MIGRATIONS = [
 ]
 DB_NAME = "history.sqlite3"
 FINAL = ("done", "failed", "cancelled")
+UNFINISHED = ("queued", "running", "saving")
+PAGE_BYTES = 1_000_000  # a history page stops growing past this much stored JSON (one long entry still fits)
+
+
+def state_folder(state_root: Path, outputs: Path) -> Path:
+    """One state folder per outputs folder: `<state_root>/<outputs name>-<hash of its absolute path>`."""
+    resolved = outputs.expanduser().resolve()
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return state_root.expanduser() / f"{resolved.name or 'root'}-{digest}"
 
 
 class History:
-    """A thread-safe record of jobs: written before a job is acknowledged, updated as it runs."""
+    """A thread-safe record of jobs: written before a job is acknowledged, updated as it runs.
 
-    def __init__(self, outputs: Path):
-        outputs.mkdir(parents=True, exist_ok=True)
-        self.path = outputs / DB_NAME
+    Every method may raise `sqlite3.Error` or `OSError` (a full or read-only disk); callers decide what that means.
+    """
+
+    def __init__(self, path: Path, legacy: Path | None = None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if legacy is not None and legacy.exists():
+            _move_legacy(legacy, path)
+        self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
         self.migrate()
 
     def migrate(self) -> None:
@@ -52,10 +75,6 @@ class History:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-
-    @property
-    def version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def add(self, job_id: str, params: dict[str, Any], total_steps: int) -> None:
         with self._lock:
@@ -77,40 +96,69 @@ class History:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, limit: int = 20, offset: int = 0, status: str | None = None) -> list[dict[str, Any]]:
-        query, args = "SELECT * FROM jobs", []
-        if status:
-            query, args = query + " WHERE status = ?", [status]
+    def page(self, limit: int = 20, offset: int = 0, max_bytes: int = PAGE_BYTES) -> list[dict[str, Any]]:
+        """Newest first: at most `limit` entries and, past the first, at most `max_bytes` of stored JSON."""
+        records, size = [], 0
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY created DESC LIMIT ? OFFSET ?", (*args, limit, offset))
-            return [_record(r) for r in rows.fetchall()]
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
+            for row in rows:
+                size += sum(len(str(row[k]).encode()) for k in ("params", "outputs", "seeds", "error"))
+                if records and size > max_bytes:
+                    break
+                records.append(_record(row))
+        return records
 
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
 
     def delete(self, job_id: str) -> dict[str, Any] | None:
+        """Remove the entry; its text is overwritten in the database and the write-ahead log emptied."""
         record = self.get(job_id)
         if record is not None:
             with self._lock:
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return record
 
-    def interrupted(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Jobs a previous process left unfinished: (queued, running)."""
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Jobs a previous process left queued, running or saving, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY created")
-            records = [_record(r) for r in rows.fetchall()]
-        return [r for r in records if r["status"] == "queued"], [r for r in records if r["status"] == "running"]
+            marks = ", ".join("?" * len(UNFINISHED))
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created", UNFINISHED)
+            return [_record(r, strict=False) for r in rows.fetchall()]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def _record(row: sqlite3.Row) -> dict[str, Any]:
+def _record(row: sqlite3.Row, strict: bool = True) -> dict[str, Any]:
     record = dict(row)
-    record["params"] = json.loads(record["params"])
-    record["outputs"] = json.loads(record["outputs"])
-    record["seeds"] = json.loads(record["seeds"])
+    for key, empty in (("params", {}), ("outputs", []), ("seeds", [])):
+        try:
+            record[key] = json.loads(record[key])
+        except (TypeError, ValueError):
+            if strict:
+                raise
+            record[key] = empty
     return record
+
+
+def _move_legacy(legacy: Path, path: Path) -> None:
+    """Earlier versions kept the database inside the (served) outputs folder: copy it out once, then remove it."""
+    if path.exists():
+        log.warning("both %s and %s exist; using %s. Delete the old one from the outputs folder.", legacy, path, path)
+        return
+    source = sqlite3.connect(legacy)
+    try:
+        target = sqlite3.connect(path)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{legacy}{suffix}").unlink(missing_ok=True)
+    log.warning("moved the history database out of the served outputs folder: %s -> %s", legacy, path)

@@ -19,7 +19,7 @@ from ..params import (
     ParamError,
 )
 from .api import Studio, status
-from .jobs import QueueFull
+from .jobs import QueueFull, Unavailable
 
 HISTORY_PAGE = 24
 
@@ -120,7 +120,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     num_images=int(n),
                 )
                 job = queue.submit(params)
-            except (ParamError, QueueFull) as err:  # tell the user, keep the page alive
+            except (ParamError, QueueFull, Unavailable) as err:  # tell the user, keep the page alive
                 raise gr.Error(str(err)) from None
             while not job.finished:
                 seen = job.version
@@ -156,7 +156,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def load_history(page_number):
             offset = (max(1, int(page_number or 1)) - 1) * HISTORY_PAGE
-            records = queue.history.list(limit=HISTORY_PAGE, offset=offset)
+            records = queue.history.page(limit=HISTORY_PAGE, offset=offset)
             items = []
             for r in records:
                 caption = f"{r['params']['prompt'][:60]} · {r['status']}"
