@@ -210,7 +210,7 @@ def queue_throughput(generator, jobs: int, prompts: Prompts, engine_total: float
     from ..server.history import History
     from ..server.jobs import JobQueue
 
-    history = History(Path(tempfile.mkdtemp(prefix="zstudio-queue-")))
+    history = History(Path(tempfile.mkdtemp(prefix="zstudio-queue-")) / "history.sqlite3")
     queue = JobQueue(generator, history, max_waiting=jobs)
     queue.start()
     try:
@@ -251,6 +251,11 @@ def calls_command(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_diffusers:
         report["diffusers"], references = diffusers_baselines(args.folder, args.calls, out)
         save()
+        if args.references:  # for a later process that skips diffusers (--no-diffusers --references FILE)
+            np.savez(args.references, *[references[key] for key in QUALITY])
+    elif args.references and args.references.is_file():
+        stored = np.load(args.references)
+        references = {key: stored[f"arr_{i}"] for i, key in enumerate(QUALITY)}
     for i, mode in enumerate(m for m in args.modes.split(",") if m):
         try:
             report[mode] = zstudio_mode(args.folder, mode, args.calls, out, references, sweep=i == 0,
@@ -307,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     calls.add_argument("--calls", type=int, default=5)
     calls.add_argument("--queue", type=int, default=20, help="jobs through the server queue (first mode)")
     calls.add_argument("--no-diffusers", action="store_true")
+    calls.add_argument(
+        "--references", type=Path, help=".npz of diffusers' quality images: written, or read with --no-diffusers"
+    )
     startup = sub.add_parser("startup", help="first and second start in fresh processes")
     startup.add_argument("--mode", default="fast")
     once = sub.add_parser("start-once")
