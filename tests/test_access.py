@@ -109,6 +109,15 @@ def test_token_in_the_query_sets_a_hashed_cookie(served_with_token):
         assert browser.get("/api/v1/health").status_code == 200
 
 
+def test_the_cookie_is_secure_over_tls(gen, tmp_path):
+    from starlette.testclient import TestClient
+
+    app = create_app(gen, tmp_path / "outputs", token=TOKEN, state=tmp_path / "state", ui=False)
+    with TestClient(app, base_url="https://127.0.0.1") as client:
+        set_cookie = client.get("/metrics", params={"token": TOKEN}).headers["set-cookie"]
+    assert "Secure" in set_cookie and TOKEN not in set_cookie
+
+
 def test_gradio_serves_only_images(served_with_token):
     runner, client, root = served_with_token
     bearer = {"Authorization": f"Bearer {TOKEN}"}

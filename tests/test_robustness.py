@@ -193,6 +193,7 @@ class WorkerKiller(BaseException):
     """Not an Exception: nothing in the worker catches it, so the thread dies."""
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
 def test_a_dead_worker_is_restarted_by_the_watchdog(gen, tmp_path, monkeypatch):
     original = gen.decode
     calls = {"n": 0}

@@ -1,8 +1,9 @@
 """Cancel inside a step: a check before every transformer block and VAE decoder block, not only between steps.
 
 A 2048x2048 step of the full model on a small card (or any step on a CPU) takes many seconds; checking only between
-steps would let a cancelled job hold the device that long. A forward pre-hook on each block raises
-`GenerationCancelled` as soon as `should_stop()` is true, so a cancel lands within one block's time.
+steps would let a cancelled job hold the device that long. A forward pre-hook on each block, and on the attention,
+feed-forward and resnet parts inside it, raises `GenerationCancelled` as soon as `should_stop()` is true, so a cancel
+lands within one part's time.
 
 The hooks go on for one generation and come off afterwards. They are not installed on compiled modules: a hook
 inside a `torch.compile`d graph would be traced into it (and recompiled on every install); compiled steps are short
@@ -12,6 +13,7 @@ anyway, so between-step checks suffice there.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,6 +24,9 @@ BLOCK_LISTS = {
     "transformer": ("noise_refiner", "context_refiner", "layers"),
     "vae": ("decoder.mid_block", "decoder.up_blocks"),
 }
+# Inside each block, its large parts are checked too: attention and feed-forward halves of a transformer block, the
+# resnets and attention of a VAE block (at 2048x2048 on a CPU one of those takes seconds).
+PARTS = re.compile(r"(Attention|FeedForward|ResnetBlock2D|Upsample2D)$")
 
 
 def _blocks(pipe) -> list[torch.nn.Module]:
@@ -36,9 +41,9 @@ def _blocks(pipe) -> list[torch.nn.Module]:
                 module = getattr(module, part, None)
             if module is None:
                 continue
-            children = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
-            found += [child for child in children if not _compiled(child)]
-    return found
+            for block in module if isinstance(module, torch.nn.ModuleList) else [module]:
+                found += [m for m in block.modules() if m is block or PARTS.search(type(m).__name__)]
+    return [module for module in found if not _compiled(module)]
 
 
 def _compiled(module: torch.nn.Module) -> bool:

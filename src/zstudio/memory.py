@@ -14,8 +14,9 @@
 `auto` takes the fastest mode that (a) can run here (8bit needs torchao, an optional extra: `pip install
 'zstudio[fp8]'`) and (b) fits the card's free memory by an estimate built from measured peaks: for each mode the
 peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
-weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model the
-weights part is read from its own files; beyond 1024x1024 the pixel term is extrapolated.
+weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model pass
+its `ModelWeights.from_folder(path)` (the weights part then comes from its own files); beyond 1024x1024 the pixel
+term is extrapolated.
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
