@@ -250,6 +250,7 @@ def status(studio: Studio) -> dict[str, Any]:
         "status": "ok",
         "version": __version__,
         "model": info["model"],
+        "model_sizes": info["sizes"],
         "model_loaded": info["loaded"],
         "embedded_default": info["embedded_default"],
         "device": info["device"],

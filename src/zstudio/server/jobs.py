@@ -93,6 +93,7 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------- requests
     def submit(self, params: GenerationParams) -> Job:
+        self.generator.profile.resolve(params)  # refuse a size the model cannot draw now, not after queueing
         total = params.num_inference_steps or self.generator.profile.num_inference_steps
         with self._changed:
             if len(self.waiting) >= self.max_waiting:
