@@ -139,7 +139,7 @@ def train_vae(
     while step < steps and progress.fraction(step) < 1:
         for group in opt.param_groups:
             group["lr"] = lr * progress.lr_factor(step)
-        x = to_unit(images[torch.randint(len(images), (batch,), generator=gen)].to(device))
+        x = to_unit(images[torch.randint(len(images), (batch,), generator=gen).to(images.device)].to(device))
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.mean).sample  # the mean: sampling at the initial σ ≈ 1 blurs colours away
@@ -308,7 +308,8 @@ def train_transformer(
     block (every batch pads its captions to one length, so shapes repeat)."""
     features, lengths = captions
     device = latents.device
-    gen = torch.Generator().manual_seed(seed)  # draws on the CPU: the same on every device
+    gen = torch.Generator().manual_seed(seed)  # small draws on the CPU
+    noise_gen = torch.Generator(device).manual_seed(seed)  # the noise where it is used: a GPU step is milliseconds
     batches = Batches(owner, lengths, is_pair, seed)
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     if compile_blocks:
@@ -334,7 +335,7 @@ def train_transformer(
             drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
             cap = torch.where(drop.to(device)[:, None, None], empty[0][:length], cap)
             cap_lengths = torch.where(drop, empty[1], cap_lengths)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         sigma = sample_sigmas(batch, gen).to(device)
         with autocast(device):
             out = batched_forward(transformer, noisy_latents(x0, noise, sigma), model_time(sigma), cap, cap_lengths)
@@ -397,7 +398,7 @@ def train(
 
     singles, pairs = training_pictures(seed, pictures)
     scenes: list = [*singles, *pairs]
-    images = images_tensor(scenes, workers)
+    images = images_tensor(scenes, workers).to(dev)  # uint8: 0.8 GB for all of them
     is_pair = torch.tensor([isinstance(s, PairScene) for s in scenes])
     log.info(
         "%d one-shape and %d two-shape training pictures rendered in %.0f s",
