@@ -24,7 +24,7 @@ from zstudio.params import ParamError
 
 INFO = json.loads((demo_source().path / "zstudio.json").read_text())
 VERSION = INFO.get("version", 1)  # 1: the first model, 64x64, one of three shapes; 2: 128x128, the issue-14 dataset
-SUBSET = 12  # prompts per language, kind and step count: the CI subset of `python -m zstudio.demo.accuracy`
+SUBSET = 10  # prompts per language, kind and step count: the CI subset of `python -m zstudio.demo.accuracy`
 # The first model predates the "unrecognised" answer and was trained on three shapes at 64x64. Judged by today's
 # evaluator most of its shapes are blobs (1 of 24 English held-out prompts recognised, 2026-11-23): the complaint of
 # issue 14. Until its successor ships it is held to its colours, on its own held-out triples, in its own phrasing.
@@ -59,7 +59,7 @@ def prompts_for(count: int, language: str, kind: str = "single"):
 @pytest.mark.skipif(VERSION != 1, reason="the first demo model only")
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_first_demo_model_still_draws_its_held_out_prompts(demo, language):
-    result = measure(demo, prompts_for(24, language))
+    result = measure(demo, prompts_for(12, language))
     for factor, bar in LEGACY_BARS.items():
         assert result["accuracy"][factor] >= bar, (factor, result["accuracy"], result["misses"])
 

@@ -262,7 +262,7 @@ def make_demo_command(directory: Path, seed: int, steps: int | None, time_budget
             device=device,
             compile_blocks=not no_compile,
             time_budget=time_budget,
-        )  # fmt: skip
+        )
     )
     for path in paths:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

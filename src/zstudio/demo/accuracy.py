@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--split", choices=SPLITS, default="held-out", help="whose combinations the prompts are about")
     parser.add_argument("--cfg", type=float, help="CFG scale [default: the model's own]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--speed", default="exact", help="the engine's speed mode (exact: what the CPU runs)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid", type=Path, help="save 32 English pictures at the default steps (16 of each kind)")
     args = parser.parse_args(argv)
-    generator = Generator(model=args.model, device=args.device, dtype="float32").load()
+    generator = Generator(model=args.model, device=args.device, dtype="float32", speed=args.speed).load()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "model": args.model,
