@@ -315,7 +315,8 @@ def train_transformer(
     if compile_blocks:
         # Dynamic lengths: one graph serves both caption buckets. Should compiling fail (no C++ compiler, a Triton
         # problem on some GPU), dynamo runs the block eagerly instead of ending a budgeted run.
-        torch._dynamo.config.suppress_errors = True
+        if hasattr(torch._dynamo.config, "suppress_errors"):
+            torch._dynamo.config.suppress_errors = True
         for block in (*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers):
             block.compile(dynamic=True)
     fused = {"fused": True} if device.type == "cuda" else {}
