@@ -183,7 +183,7 @@ def _bar_updater(bar):
 
 
 @main.command()
-@click.option("--model", help="Hub id, diffusers folder, or 'tiny'; loads it to report on it.")
+@click.option("--model", help="Hub id, diffusers folder, 'demo' or 'tiny'; reports on it without downloading it.")
 @click.option("--device", help="auto, cuda, cuda:N, mps or cpu.")
 @click.option("--dtype", help="auto, bfloat16, float16 or float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -198,10 +198,14 @@ def info(model, device, dtype, as_json: bool) -> None:
 
     def action() -> dict[str, Any]:
         generator = Generator(model=model, device=device, dtype=dtype)
-        if model:
-            generator.resolve_source()
+        source = generator.resolve_source(download=False)  # the model that would run, without fetching it
         free = free_memory_bytes(generator.device)
         data = generator.info()
+        if source.embedded and not model:
+            data["note"] = (
+                "the real weights are not in the Hugging Face cache: generation runs this model offline "
+                "and downloads Z-Image-Turbo first where the hub is reachable (`zstudio download`)"
+            )
         data.update(
             {
                 "free_memory_gb": round(free / 2**30, 2) if free is not None else None,
@@ -243,19 +247,31 @@ def make_tiny_command(directory: Path, seed: int, overwrite: bool) -> None:
 @main.command("make-demo")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the whole training run.")
-@click.option("--steps", type=int, default=None, help="Transformer training steps [default: the shipped model's].")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY.")
+@click.option("--steps", type=int, default=None, help="Transformer training steps [default: until --time-budget].")
+@click.option("--time-budget", type=float, default=None, help="Seconds for the whole run; every stage stops on time.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (bf16 autocast, compiled blocks).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DIRECTORY/s.")
 @click.option("--no-compile", is_flag=True, help="Run the transformer blocks eagerly (no C++ compiler needed; slower).")
-def make_demo_command(directory: Path, seed: int, steps: int | None, overwrite: bool, no_compile: bool) -> None:
-    """Train the demo model (shapes on plain backgrounds) on this machine's CPU, about an hour on 2 cores."""
+def make_demo_command(directory: Path, seed: int, steps: int | None, time_budget: float | None, device: str,
+                      overwrite: bool, no_compile: bool) -> None:  # fmt: skip
+    """Train the demo model (shapes on plain backgrounds) into DIRECTORY/s; see `python -m zstudio.demo.train -h`."""
     from .demo.train import STEPS, train
 
     logging.getLogger("zstudio").setLevel(logging.INFO)
-    path = _run(
-        lambda: train(directory, seed=seed, steps=steps or STEPS, overwrite=overwrite, compile_blocks=not no_compile)
+    paths = _run(
+        lambda: train(
+            directory,
+            seed=seed,
+            steps=steps or STEPS,
+            overwrite=overwrite,
+            device=device,
+            compile_blocks=not no_compile,
+            time_budget=time_budget,
+        )
     )
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    click.echo(f"{path}\t{size / 1e6:.1f} MB")
+    for path in paths:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        click.echo(f"{path}\t{size / 1e6:.1f} MB")
 
 
 @main.command()

@@ -91,18 +91,20 @@ class Generator:
         self._prompt_cache: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
 
     # ----------------------------------------------------------------------------------------- loading
-    def resolve_source(self) -> models.ModelSource:
-        """The model's folder; with no model chosen and the real weights unreachable, the embedded default."""
+    def resolve_source(self, download: bool = True) -> models.ModelSource:
+        """The model's folder; with no model chosen and the real weights unreachable, the embedded default.
+        `download=False` looks only in the cache (what `zstudio info` reports without fetching 33 GB)."""
         if self.source is None:
             if self.model_spec:
-                self.source = models.resolve(self.model_spec, self.settings.cache_dir)
+                self.source = models.resolve(self.model_spec, self.settings.cache_dir, allow_download=download)
             else:
                 try:
-                    self.source = models.resolve(DEFAULT_MODEL, self.settings.cache_dir)
+                    self.source = models.resolve(DEFAULT_MODEL, self.settings.cache_dir, allow_download=download)
                 except models.ModelUnavailableError as err:
+                    demo = models.demo_source()
                     log.warning("%s. Running on the embedded demo model instead: it draws simple shapes at "
-                                "64x64, not Z-Image pictures.", err)  # fmt: skip
-                    self.source = models.demo_source()
+                                "%s, not Z-Image pictures.", err, demo.profile.sizes_text())  # fmt: skip
+                    self.source = demo
         return self.source
 
     @property
@@ -201,6 +203,7 @@ class Generator:
             "model_path": str(source.path) if source else None,
             "embedded_default": bool(source and source.embedded),
             "profile": source.profile.name if source else None,
+            "sizes": source.profile.sizes_text() if source else None,
             "loaded": self.pipe is not None,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
@@ -262,8 +265,7 @@ class Generator:
         and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
         """
         self.load()
-        p = self.profile
-        params = params.with_defaults(p.num_inference_steps, p.cfg_scale, p.width, p.height)
+        params = self.profile.resolve(params)  # the model's defaults; refuses sizes it cannot draw
         with self._lock:
             if (result := self._attempt(params, progress)) is not None:
                 return result

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .params import ParamError
+from .params import MAX_PIXELS, MAX_SIDE, MIN_SIDE, PRESETS, GenerationParams, ParamError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt
 
 @dataclass(frozen=True)
 class Profile:
-    """Defaults that belong to a model, not to the user's request."""
+    """What belongs to a model, not to the user's request: its defaults, the sizes it was trained for, its limits."""
 
     name: str
     num_inference_steps: int
@@ -33,6 +34,27 @@ class Profile:
     label: str
     width: int = 1024
     height: int = 1024
+    sizes: tuple[tuple[int, int], ...] = tuple(PRESETS.values())  # trained for: the UI's quick presets
+    side_range: tuple[int, int] = (512, MAX_SIDE)  # the sides it draws well: the UI's sliders span this
+    max_side: int = MAX_SIDE  # past this side or `max_pixels` it draws no picture: refused
+    max_pixels: int = MAX_PIXELS
+
+    def sizes_text(self) -> str:
+        return ", ".join(f"{w}x{h}" for w, h in self.sizes)
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        """The request with this model's defaults filled in; `ParamError` in one line when it asks for a size the
+        model cannot draw. The engine calls this for every generation, and the server before queueing one."""
+        params = params.with_defaults(self.num_inference_steps, self.cfg_scale, self.width, self.height)
+        w, h = params.width, params.height
+        if max(w, h) > self.max_side or w * h > self.max_pixels:
+            raise ParamError(
+                "size",
+                f"{w}x{h} is far larger than the {self.label} can draw: it was trained at {self.sizes_text()} "
+                f"(sides up to {self.max_side}); ask for {self.width}x{self.height}, or load Z-Image for larger "
+                "pictures (`zstudio download`)",
+            )
+        return params
 
 
 # Turbo is distilled for 8 transformer evaluations. Steps here count evaluations, as in diffusers >= 0.42 (sigmas
@@ -40,9 +62,29 @@ class Profile:
 # day, and is `num_inference_steps=8` now.
 TURBO = Profile("turbo", num_inference_steps=8, cfg_scale=0.0, label="Z-Image-Turbo")
 BASE = Profile("base", num_inference_steps=50, cfg_scale=4.0, label="Z-Image")
-# The trained demo model (zstudio.demo): 64x64 pictures of one shape; guidance sharpens its colours.
-DEMO_PROFILE = Profile("demo", num_inference_steps=20, cfg_scale=3.0, label="zstudio demo model", width=64, height=64)
+# The trained demo model (zstudio.demo): simple shapes on plain backgrounds. Its zstudio.json says at which size and
+# with which defaults (`demo_profile`); these are the first model's (64x64, version 1).
+DEMO_PROFILE = Profile("demo", num_inference_steps=20, cfg_scale=3.0, label="zstudio demo model", width=64, height=64,
+                       sizes=((64, 64),), side_range=(MIN_SIDE, 128), max_side=128)  # fmt: skip
 PROFILES = {p.name: p for p in (TURBO, BASE, DEMO_PROFILE)}
+
+
+def demo_profile(info: dict[str, Any]) -> Profile:
+    """The demo profile for a trained demo checkpoint's zstudio.json: its sizes (up to twice their side may be asked
+    for) and its default steps and CFG."""
+    sizes = tuple(tuple(s) for s in info.get("sizes", [])) or ((info.get("side", 64),) * 2,)
+    side = max(max(s) for s in sizes)
+    defaults = info.get("defaults", {})
+    return replace(
+        DEMO_PROFILE,
+        width=sizes[0][0],
+        height=sizes[0][1],
+        sizes=sizes,
+        side_range=(MIN_SIDE, 2 * side),
+        max_side=2 * side,
+        num_inference_steps=defaults.get("steps", DEMO_PROFILE.num_inference_steps),
+        cfg_scale=defaults.get("cfg", DEMO_PROFILE.cfg_scale),
+    )
 
 
 class ModelUnavailableError(RuntimeError):
@@ -73,7 +115,10 @@ def is_hub_id(spec: str) -> bool:
 def profile_for(spec: str, folder: Path | None = None) -> Profile:
     """Known hub ids have their profile; a folder may name one in zstudio.json; anything else is Turbo."""
     if folder is not None and (folder / "zstudio.json").is_file():
-        name = json.loads((folder / "zstudio.json").read_text()).get("profile", "turbo")
+        info = json.loads((folder / "zstudio.json").read_text())
+        name = info.get("profile", "turbo")
+        if name == DEMO_PROFILE.name:
+            return demo_profile(info)
         if name in PROFILES:
             return PROFILES[name]
     repo = spec.rstrip("/").split("/")[-1].lower()
@@ -110,7 +155,7 @@ def demo_source() -> ModelSource:
 
     folder = Path(str(resources.files("zstudio").joinpath("data/demo")))
     check_folder(folder)
-    return ModelSource(spec=DEMO, path=folder, profile=DEMO_PROFILE, embedded=True)
+    return ModelSource(spec=DEMO, path=folder, profile=profile_for(DEMO, folder), embedded=True)
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

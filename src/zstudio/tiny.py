@@ -86,12 +86,29 @@ def _byte_alphabet() -> list[str]:
 
 def build_components(seed: int = 0, sizes: Sizes = TINY_SIZES) -> dict:
     """The five pipeline components, each initialised from `seed` alone."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = build_tokenizer()
-
     torch.manual_seed(seed)
+    transformer = build_transformer(sizes)
+    torch.manual_seed(seed + 1)
+    vae = build_vae(sizes)
+    torch.manual_seed(seed + 2)
+    text_encoder = build_text_encoder(sizes, len(tokenizer))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def build_transformer(sizes: Sizes):
+    """A `ZImageTransformer2DModel` of these sizes, initialised from torch's global generator."""
+    from diffusers import ZImageTransformer2DModel
+
     transformer = ZImageTransformer2DModel(
         in_channels=16,
         dim=sizes.dim,
@@ -106,9 +123,14 @@ def build_components(seed: int = 0, sizes: Sizes = TINY_SIZES) -> dict:
     with torch.no_grad():  # created with torch.empty upstream: give them defined values
         transformer.x_pad_token.normal_(0.0, 0.02)
         transformer.cap_pad_token.normal_(0.0, 0.02)
+    return transformer
 
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+
+def build_vae(sizes: Sizes):
+    """A Flux-style 16-channel `AutoencoderKL`; each entry of `vae_channels` is one 2x down/up-sampling block."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * len(sizes.vae_channels),
@@ -124,8 +146,12 @@ def build_components(seed: int = 0, sizes: Sizes = TINY_SIZES) -> dict:
         use_post_quant_conv=False,
     )
 
-    torch.manual_seed(seed + 2)
-    text_encoder = Qwen3Model(
+
+def build_text_encoder(sizes: Sizes, vocab_size: int):
+    """A small `Qwen3Model` standing in for Qwen3-4B."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(
         Qwen3Config(
             hidden_size=sizes.text_hidden,
             intermediate_size=2 * sizes.text_hidden,
@@ -133,20 +159,11 @@ def build_components(seed: int = 0, sizes: Sizes = TINY_SIZES) -> dict:
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=16,
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             max_position_embeddings=1024,
             rope_theta=1_000_000.0,
         )
     )
-
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return {
-        "transformer": transformer.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
 
 
 def make_tiny(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:

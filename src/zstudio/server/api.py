@@ -314,6 +314,7 @@ def status(studio: Studio) -> dict[str, Any]:
         "reason": reason,
         "version": __version__,
         "model": info["model"],
+        "model_sizes": info["sizes"],
         "model_loaded": info["loaded"],
         "embedded_default": info["embedded_default"],
         "device": info["device"],

@@ -198,8 +198,8 @@ class JobQueue:
         """Accept a job (recorded before this returns) or raise ParamError, QueueFull or Unavailable."""
         profile = self.generator.profile
         total = params.num_inference_steps or profile.num_inference_steps
-        params.with_defaults(profile.num_inference_steps, profile.cfg_scale, profile.width, profile.height
-                             ).check_cost(self.max_megapixel_steps)  # fmt: skip
+        # A size the model cannot draw, or too much work, is refused now rather than failed after queueing.
+        profile.resolve(params).check_cost(self.max_megapixel_steps)
         reason = self.unavailable()
         if reason:
             raise Unavailable(reason)

@@ -11,10 +11,7 @@ from ..params import (
     ASPECT_RATIOS,
     MAX_IMAGES,
     MAX_SEED,
-    MAX_SIDE,
     MAX_STEPS,
-    MIN_SIDE,
-    PRESETS,
     GenerationParams,
     ParamError,
 )
@@ -46,7 +43,8 @@ def progress_html(text: str, step: int = 0, total: int = 0) -> str:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     queue = studio.queue
-    profile = queue.generator.profile
+    profile = queue.generator.profile  # presets, aspect ratios, sliders and defaults follow the loaded model
+    aspects = {name: size for name, size in ASPECT_RATIOS.items() if max(size) <= profile.max_side}
 
     with gr.Blocks(title="zstudio") as demo:
         gr.Markdown("# zstudio — Z-Image-Turbo")
@@ -64,11 +62,13 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     )
                     negative = gr.Textbox(label="Negative prompt (used when CFG > 0)", lines=1)
                     with gr.Row():
-                        preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in PRESETS.values()]
-                        aspect = gr.Dropdown(["—", *ASPECT_RATIOS], value="—", label="Aspect ratio (~1 MP)")
+                        preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in profile.sizes]
+                        aspect = gr.Dropdown(
+                            ["—", *aspects], value="—", label="Aspect ratio (~1 MP)", visible=bool(aspects)
+                        )
                     with gr.Row():
-                        width = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.width, step=16, label="Width")
-                        height = gr.Slider(MIN_SIDE, MAX_SIDE, value=profile.height, step=16, label="Height")
+                        width = gr.Slider(*profile.side_range, value=profile.width, step=16, label="Width")
+                        height = gr.Slider(*profile.side_range, value=profile.height, step=16, label="Height")
                     with gr.Row():
                         steps = gr.Slider(
                             1,
@@ -101,9 +101,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 use_btn = gr.Button("Use these settings")
                 delete_btn = gr.Button("Delete entry", variant="stop")
 
-        for button, (w, h) in zip(preset_buttons, PRESETS.values()):
+        for button, (w, h) in zip(preset_buttons, profile.sizes):
             button.click(lambda w=w, h=h: (w, h), outputs=[width, height])
-        aspect.change(lambda a: ASPECT_RATIOS.get(a, (gr.update(), gr.update())), aspect, [width, height])
+        aspect.change(lambda a: aspects.get(a, (gr.update(), gr.update())), aspect, [width, height])
         dice.click(lambda: random.randint(0, MAX_SEED - MAX_IMAGES), outputs=seed)
         reuse.click(lambda s: s if s is not None else -1, last_seed, seed)
 
