@@ -87,3 +87,52 @@ def test_profile_variants_parse_and_reject_unknown_options():
     assert parse_variant("fastest")["regional"] is None
     with pytest.raises(ValueError, match="unknown options \\['turbo'\\]; allowed cudnn"):
         parse_variant("fast:turbo")
+
+
+def test_uncompile_clears_every_compiled_block(tiny_dir):
+    """`uncompile` relies on torch's private `_compiled_call_impl`: this fails the day it changes."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zstudio.speed.compile import compile_blocks, uncompile
+
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    compile_blocks(transformer)
+    compiled = [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == len(transformer.layers) + len(transformer.noise_refiner) + len(transformer.context_refiner)
+    uncompile(transformer)
+    assert not [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
+    """What `fast` compiles on a GPU (blocks and VAE decoder, dynamic shapes), here on the CPU: after the warm-up's
+    runs, other sizes, batches, prompt lengths and guidance reuse the graphs, and pixels match the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from zstudio.engine import warmup_runs
+    from zstudio.speed import speed_up_transformer
+    from zstudio.speed.compile import compile_vae_decoder
+
+    generator = Generator(model=str(tiny_dir), device="cpu", speed="exact", outputs=tmp_path).load()
+    later = [((320, 320), 1, 0.0), ((192, 320), 3, 0.0), ((384, 256), 2, 3.0), ((256, 256), 4, 0.0)]
+
+    def request(size, n, cfg):
+        params = GenerationParams(prompt="a blue ring, longer than the warm-up prompt", width=size[0],
+                                  height=size[1], num_images=n, cfg_scale=cfg, negative_prompt="blurry",
+                                  num_inference_steps=2, seed=7)  # fmt: skip
+        return generator.generate_images(params).images
+
+    eager = request(*later[2])
+    torch._dynamo.reset()
+    try:
+        speed_up_transformer(generator.pipe.transformer, "fast")
+        compile_vae_decoder(generator.pipe.vae)
+        for params in warmup_runs([(256, 256), (256, 192)], (256, 256)):
+            generator.generate_images(params)
+        before = counters["stats"]["unique_graphs"]
+        assert before > 0  # the warm-up did compile
+        results = [request(*case) for case in later]
+        assert counters["stats"]["unique_graphs"] == before
+    finally:
+        torch._dynamo.reset()
+    for mine, theirs in zip(results[2], eager):
+        assert np.abs(np.asarray(mine).astype(int) - np.asarray(theirs).astype(int)).max() <= 2

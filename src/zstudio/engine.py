@@ -527,6 +527,9 @@ def offered_sizes(profile: models.Profile) -> list[tuple[int, int]]:
 def warmup_runs(sizes: list[tuple[int, int]], default: tuple[int, int]) -> list[GenerationParams]:
     """One step at each size, then batches 2-4 and a guided request with a longer negative prompt."""
     one_step = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0}
+    # A non-square size first: compiled at a square size, width and height share one symbol, and the first
+    # non-square size compiles everything again (65 s of the first start on the H100, docs/BENCHMARKS.md).
+    sizes = sorted(sizes, key=lambda size: size[0] == size[1])
     runs = [GenerationParams(**one_step, width=w, height=h) for w, h in sizes]
     width, height = default
     runs += [GenerationParams(**one_step, width=width, height=height, num_images=n) for n in (2, 3, 4)]
