@@ -163,7 +163,7 @@ def test_server_and_ui_follow_the_loaded_model(demo, tmp_path):
         assert openai.status_code in (400, 422)
         assert openai.json()["error"]["param"] == "size" and "trained at" in openai.json()["error"]["message"]
 
-    ui = build_ui(Studio(JobQueue(demo, History(tmp_path)), tmp_path))
+    ui = build_ui(Studio(JobQueue(demo, History(tmp_path / "history.sqlite3")), tmp_path))
     sliders = {b.label: b for b in ui.blocks.values() if isinstance(b, gr.Slider)}
     assert (sliders["Width"].minimum, sliders["Width"].maximum) == demo.profile.side_range
     assert sliders["Width"].value == demo.profile.width and sliders["Steps"].value == demo.profile.num_inference_steps

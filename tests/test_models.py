@@ -15,7 +15,7 @@ from zstudio.params import ParamError
 def test_known_hub_ids_have_their_profiles():
     assert profile_for("Tongyi-MAI/Z-Image-Turbo") is TURBO
     assert profile_for("Tongyi-MAI/Z-Image") is BASE
-    assert (TURBO.num_inference_steps, TURBO.cfg_scale) == (9, 0.0)
+    assert (TURBO.num_inference_steps, TURBO.cfg_scale) == (8, 0.0)
     assert (BASE.num_inference_steps, BASE.cfg_scale) == (50, 4.0)
 
 

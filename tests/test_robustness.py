@@ -235,7 +235,8 @@ def test_cancel_lands_inside_a_step(gen, tmp_path):
 def test_openai_request_whose_client_leaves_cancels_its_job(gen, tmp_path):
     with serve(gen, tmp_path) as client:
         body = {"prompt": "abandoned", "size": "256x256", "n": 1}
-        long_job = client.post("/api/v1/generations", json={**QUICK, "num_inference_steps": 100}).json()
+        long = {**QUICK, "width": 768, "height": 768, "num_inference_steps": 100}  # many seconds on the CPU
+        long_job = client.post("/api/v1/generations", json=long).json()
         with pytest.raises(httpx.ReadTimeout):  # its job waits behind the long one; the client gives up
             httpx.post(f"{client.base_url}/v1/images/generations", json=body, timeout=1.0)
         client.delete(f"/api/v1/generations/{long_job['id']}")

@@ -64,8 +64,8 @@ def create_app(
     check_writable(outputs, "outputs")
     check_writable(state, "state")
     history = History(state / DB_NAME, legacy=outputs / DB_NAME)
-    queue = JobQueue(generator, history, max_waiting=max_waiting, max_megapixel_steps=max_megapixel_steps,
-                     keep_finished_s=keep_finished_s)  # fmt: skip
+    queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting,
+                     max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
     studio = Studio(queue, outputs)
 
     @contextlib.asynccontextmanager

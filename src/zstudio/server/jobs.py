@@ -108,8 +108,10 @@ class JobQueue:
         max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS,
         keep_finished_s: float = DEFAULT_KEEP_FINISHED_S,
         max_pending_saves: int = MAX_PENDING_SAVES,
+        outputs: Path | None = None,
     ):
         self.generator = generator
+        self.outputs = Path(outputs) if outputs is not None else generator.outputs  # this queue's, not the engine's
         self.history = history
         self.max_waiting = max_waiting
         self.max_megapixel_steps = max_megapixel_steps
@@ -339,10 +341,10 @@ class JobQueue:
         while (item := self._saves.get()) is not None:
             job, result = item
             try:
-                paths = self.generator.save(result)
+                paths = self.generator.save(result, self.outputs)
             except Exception as err:
                 log.error("job %s: saving failed: %s", job.id, err)
-                reason = self._storage_failed(err, self.generator.outputs) if is_storage_error(err) else describe(err)
+                reason = self._storage_failed(err, self.outputs) if is_storage_error(err) else describe(err)
                 self._finish(job, "failed", error=f"its images could not be saved: {reason}")
                 continue
             seconds = result.timings["total"]
@@ -380,7 +382,7 @@ class JobQueue:
 
     def _probe_storage(self) -> None:
         """Writes failed earlier: try a file in each folder and the pending history updates; clear when all work."""
-        for folder in {self.generator.outputs, self.history.path.parent}:
+        for folder in {self.outputs, self.history.path.parent}:
             probe = Path(folder) / f".zstudio-probe-{os.getpid()}"
             try:
                 with open(probe, "wb") as handle:
