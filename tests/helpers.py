@@ -64,3 +64,17 @@ def wait_for(condition, timeout: float = 30, interval: float = 0.05, what: str =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def fail_first_decode(monkeypatch, generator, error: BaseException) -> None:
+    """Make the generator's next VAE decode raise `error` once; later decodes work."""
+    original = generator.decode
+    calls = {"n": 0}
+
+    def decode(latents):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise error
+        return original(latents)
+
+    monkeypatch.setattr(generator, "decode", decode)

@@ -139,3 +139,16 @@ def test_many_generations_do_not_accumulate_tensors(generator):
     for i in range(8, 40):
         run(i)
     assert live_tensors() <= settled
+
+
+def test_auto_memory_is_chosen_again_for_the_model_that_loads(monkeypatch):
+    """On a 2 GiB card Z-Image's estimates say `lowest`; the demo model's own weights and size fit resident."""
+    import zstudio.engine as engine_module
+    from zstudio.models import demo_source
+
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 2 * 2**30)
+    generator = engine_module.Generator(model="demo", device="cpu", memory="auto")
+    generator.device = torch.device("cuda")  # decided as on a GPU; nothing is loaded or run here
+    assert choose_memory("auto", generator.device, 2 * 2**30)[0] == "lowest"
+    generator._choose_memory_for(demo_source())
+    assert generator.memory == "resident"

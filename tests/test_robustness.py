@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import SMALL, Running, wait_done, wait_for
+from helpers import SMALL, Running, fail_first_decode, wait_done, wait_for
 from zstudio.engine import Generator
 from zstudio.server.app import create_app
 from zstudio.server.history import History
@@ -195,16 +195,7 @@ class WorkerKiller(BaseException):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
 def test_a_dead_worker_is_restarted_by_the_watchdog(gen, tmp_path, monkeypatch):
-    original = gen.decode
-    calls = {"n": 0}
-
-    def decode_dying_once(latents):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise WorkerKiller("simulated thread death")
-        return original(latents)
-
-    monkeypatch.setattr(gen, "decode", decode_dying_once)
+    fail_first_decode(monkeypatch, gen, WorkerKiller("simulated thread death"))
     with serve(gen, tmp_path) as client:
         first = client.post("/api/v1/generations", json=QUICK).json()
         failed = wait_done(client, first["id"])

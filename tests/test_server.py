@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from helpers import SMALL, TOKEN, Running, wait_done
+from helpers import SMALL, TOKEN, Running, fail_first_decode, wait_done
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
@@ -101,16 +101,7 @@ def test_cancel_running_and_waiting_jobs_and_bounded_queue(server_generator, tmp
 
 
 def test_failed_job_is_recorded_and_server_keeps_serving(server_generator, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = server_generator.decode
-
-    def decode_failing_once(latents):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("simulated decoder failure")
-        return original(latents)
-
-    monkeypatch.setattr(server_generator, "decode", decode_failing_once)
+    fail_first_decode(monkeypatch, server_generator, RuntimeError("simulated decoder failure"))
     with Running(create_app(server_generator, tmp_path, ui=False)) as client:
         first = client.post("/api/v1/generations", json={"prompt": "x", **SMALL, "num_inference_steps": 1}).json()
         failed = wait_done(client, first["id"])

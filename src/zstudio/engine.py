@@ -23,7 +23,16 @@ from PIL import Image
 
 from . import __version__, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
-from .memory import EIGHT_BIT, NEXT_MODE, STREAMED, OutOfMemory, apply_memory, choose_memory, free_after_failure
+from .memory import (
+    EIGHT_BIT,
+    NEXT_MODE,
+    STREAMED,
+    ModelWeights,
+    OutOfMemory,
+    apply_memory,
+    choose_memory,
+    free_after_failure,
+)
 from .outputs import EXTENSIONS, encode_image, write_file
 from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
@@ -121,6 +130,17 @@ class Generator:
     def compiled(self) -> bool:
         return self.speed in ("fast", "fastest")
 
+    def _choose_memory_for(self, source: models.ModelSource) -> None:
+        """`auto` again, now that the model is known: its own weights and its own image size, not Z-Image's."""
+        if self.memory_requested != "auto" or self.device.type != "cuda":
+            return
+        weights = ModelWeights.from_folder(source.path)
+        free = free_memory_bytes(self.device)
+        p = source.profile
+        self.memory, note = choose_memory("auto", self.device, free, p.width, p.height, weights)
+        log.info(note)
+        self._match_speed_to_memory()
+
     def _match_speed_to_memory(self) -> None:
         if self.memory in ("8bit", *STREAMED) and self.speed in ("fast", "fastest"):
             log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
@@ -132,6 +152,7 @@ class Generator:
         with self._lock:
             if self.pipe is None:
                 source = self.resolve_source()
+                self._choose_memory_for(source)
                 start = time.perf_counter()
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
