@@ -367,6 +367,24 @@ def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel
     )
 
 
+@main.command("mcp")
+@click.option("--server", "server_url", help="A running `zstudio serve` to forward to, e.g. http://127.0.0.1:7860.")
+@click.option("--token", envvar="ZSTUDIO_TOKEN", help="That server's token [env ZSTUDIO_TOKEN].")
+@click.option("--model", help="Without --server: hub id, diffusers folder, 'demo' or 'tiny' [env ZSTUDIO_MODEL].")
+@click.option("--outputs", type=click.Path(file_okay=False, path_type=Path), help="Without --server: output folder.")
+@click.option("--state", type=click.Path(file_okay=False, path_type=Path), help="Without --server: history folder.")
+@click.option("--device", help="Without --server: auto, cuda, cuda:N, mps or cpu.")
+@click.option("--speed", help="Without --server: auto, eager, exact, fast or fastest.")
+@click.option("--memory", help="Without --server: auto, resident, offload-text, 8bit, stream or lowest.")
+def mcp_command(server_url, token, model, outputs, state, device, speed, memory) -> None:
+    """MCP over stdin/stdout for AI agents (Claude Desktop, Cursor, ...): tools generate_image, list_history,
+    get_image and server_status. Forwards to --server when given, else loads the model here."""
+    from .server.mcp import serve_stdio
+
+    _run(lambda: serve_stdio(server_url=server_url, token=token, model=model, outputs=outputs, state=state,
+                             device=device, speed=speed, memory=memory))  # fmt: skip
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def bench(ctx: click.Context) -> None:

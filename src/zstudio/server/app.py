@@ -18,6 +18,7 @@ from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
 from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, is_loopback
 from .history import DB_NAME, History, state_folder
 from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
+from .mcp import LocalStudio, build_mcp_server, http_route
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,15 @@ def create_app(
     queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting,
                      max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
     studio = Studio(queue, outputs)
+    mcp_server = build_mcp_server(LocalStudio(studio))
+    mcp_route = http_route(mcp_server)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         queue.start()
         try:
-            yield
+            async with mcp_server.session_manager.run():  # MCP sessions end before the queue stops
+                yield
         finally:
             queue.stop()
             history.close()
@@ -82,12 +86,14 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
-        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images. "
+        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images, MCP at /mcp. "
         "With a token set, send `Authorization: Bearer TOKEN`.",
     )
     app.state.studio = studio
+    app.state.mcp = mcp_server
     add_error_handlers(app)
     app.include_router(build_router(studio))
+    app.router.routes.append(mcp_route)  # streamable HTTP for AI agents, behind the same gate as every route
     if ui:
         import gradio as gr
 
