@@ -345,7 +345,7 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--no-ui", is_flag=True, help="Serve the HTTP API only (no /ui).")
 def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel_steps, device, speed, memory,
           no_warmup, no_ui) -> None:  # fmt: skip
-    """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs) and /metrics."""
+    """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs), MCP (/mcp) and /metrics."""
     from .server.app import serve as run_server
 
     _run(
