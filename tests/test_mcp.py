@@ -19,7 +19,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from PIL import Image
 
-from helpers import TOKEN, Running
+from helpers import FINAL, TOKEN, Running, wait_for
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.params import GenerationParams
@@ -152,3 +152,19 @@ def test_sdk_client_without_the_token_cannot_connect(mcp_generator, tmp_path):
         with pytest.raises(Exception) as refused:  # an ExceptionGroup from the client's task groups
             anyio.run(agent, f"{runner.url}/mcp")
         assert refused.group_contains(MCPError, depth=None, match="error response")
+
+
+def test_an_abandoned_call_cancels_its_job(mcp_generator, tmp_path):
+    runner = Running(create_app(mcp_generator, tmp_path / "outputs", ui=False, state=tmp_path / "state"))
+    long_job = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 100}
+
+    async def impatient_agent(url: str) -> None:
+        async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            with pytest.raises(MCPError, match="[Tt]imed out"):
+                await session.call_tool("generate_image", long_job, read_timeout_seconds=1.0)
+
+    with runner as client:
+        anyio.run(impatient_agent, f"{runner.url}/mcp")
+        job = wait_for(lambda: (j := client.get("/api/v1/history").json()["items"][0])["status"] in FINAL and j)
+        assert job["status"] == "cancelled" and job["step"] < 100
