@@ -261,7 +261,10 @@ def build_mcp_server(backend: LocalStudio | RemoteStudio) -> MCPServer:
     @server.resource(RECENT_URI, name="recent_images", mime_type="application/json")
     async def recent_images() -> str:
         """The most recent images: name, prompt, seed and resource URI of each."""
-        page = await backend.history(RECENT_COUNT, 0)
+        try:
+            page = await backend.history(RECENT_COUNT, 0)
+        except StudioError as err:
+            raise ResourceError(str(err)) from None
         images = [
             {**image, "prompt": entry["prompt"], "size": entry["size"]}
             for entry in map(summary, page["items"])
