@@ -14,6 +14,7 @@ from .. import __version__
 from ..engine import Generator
 from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
 from ..settings import load_settings
+from .a1111 import build_a1111_router
 from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
 from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, is_loopback
 from .history import DB_NAME, History, state_folder
@@ -82,12 +83,14 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
-        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images. "
+        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images, "
+        "AUTOMATIC1111-compatible /sdapi/v1. "
         "With a token set, send `Authorization: Bearer TOKEN`.",
     )
     app.state.studio = studio
     add_error_handlers(app)
     app.include_router(build_router(studio))
+    app.include_router(build_a1111_router(studio))
     if ui:
         import gradio as gr
 
