@@ -95,7 +95,9 @@ def test_fields_that_would_change_the_picture_are_reported_as_ignored(served):
         "override_settings": {"sd_model_checkpoint": "other.safetensors", "samples_format": "png"},
         "alwayson_scripts": {"ControlNet": {"args": []}},
         "eta": 0.0,
+        "hr_second_pass_steps": 20,
         "send_images": False,
+        "negativ_prompt": "a typo",
     }
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
@@ -109,6 +111,7 @@ def test_fields_that_would_change_the_picture_are_reported_as_ignored(served):
         "subseed_strength",
         "override_settings.sd_model_checkpoint",
         "alwayson_scripts",
+        "negativ_prompt",
     ]
 
 

@@ -30,6 +30,16 @@ from .jobs import Job, JobQueue, QueueFull, Unavailable
 
 SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
 SAMPLER_ALIASES = ("euler", "flow_match_euler")
+# The WebUI's other txt2img fields: each leaves the picture as this server makes it, acts only with a feature that is
+# reported when asked for (the hires fix's settings), or is checked in `ignored_fields`. Any other field is reported.
+KNOWN_FIELDS = frozenset(
+    ("hr_scale hr_upscaler hr_second_pass_steps hr_resize_x hr_resize_y hr_checkpoint_name hr_sampler_name "
+     "hr_scheduler hr_prompt hr_negative_prompt hr_additional_modules denoising_strength firstphase_width "
+     "firstphase_height subseed seed_resize_from_h seed_resize_from_w eta s_min_uncond s_churn s_tmax s_tmin s_noise "
+     "override_settings_restore_afterwards script_args script_name alwayson_scripts save_images do_not_save_samples "
+     "do_not_save_grid refiner_checkpoint refiner_switch_at disable_extra_networks comments force_task_id infotext "
+     "firstpass_image").split()
+)  # fmt: skip
 # Our field names as the WebUI calls them, for error messages.
 A1111_FIELDS = {"num_inference_steps": "steps", "num_images": "batch_size"}
 
@@ -122,6 +132,10 @@ class Interrupted(BaseModel):
     interrupted: str | None = Field(description="The id of the job that will stop, or null when none ran.")
 
 
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
     """'field: why' for every requested feature that would change the picture and is not implemented here."""
     ignored = []
@@ -143,16 +157,19 @@ def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
         if options.get(key, object()) != value:
             ignored.append(f"override_settings.{key}: not applied (GET /sdapi/v1/options shows what is used)")
     extra = body.model_extra or {}
-    if (extra.get("refiner_checkpoint") or "None") != "None":
+    if extra.get("refiner_checkpoint") not in (None, "", "None"):
         ignored.append("refiner_checkpoint: refiners are not implemented")
-    if (extra.get("seed_resize_from_w") or 0) > 0 and (extra.get("seed_resize_from_h") or 0) > 0:
+    if positive(extra.get("seed_resize_from_w")) and positive(extra.get("seed_resize_from_h")):
         ignored.append("seed_resize_from_w: resizing from another seed's size is not implemented")
-    if (extra.get("s_churn") or 0) > 0:
+    if positive(extra.get("s_churn")):
         ignored.append("s_churn: not implemented")
     if extra.get("script_name"):
         ignored.append(f"script_name: scripts are not available ({extra['script_name']!r})")
-    if any(extra.get("alwayson_scripts") or {}):
-        ignored.append(f"alwayson_scripts: extensions are not available ({', '.join(extra['alwayson_scripts'])})")
+    scripts = extra.get("alwayson_scripts")
+    if scripts:
+        names = ", ".join(map(str, scripts)) if isinstance(scripts, dict) else "given"
+        ignored.append(f"alwayson_scripts: extensions are not available ({names})")
+    ignored += [f"{key}: not a field of this API" for key in extra if key not in KNOWN_FIELDS]
     return ignored
 
 
