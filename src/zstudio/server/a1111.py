@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..params import MAX_IMAGES, GenerationParams, ParamError
+from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
 from .api import DISCONNECT_POLL_S, RETRY_AFTER_S, SafeJSONResponse, Studio, error_response, unavailable_response
 from .jobs import Job, JobQueue, QueueFull, Unavailable
+from .protocol import PROMPT, SIDE, documented
 
 SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
 SAMPLER_ALIASES = ("euler", "flow_match_euler")
@@ -45,20 +46,25 @@ A1111_FIELDS = {"num_inference_steps": "steps", "num_images": "batch_size"}
 
 
 class Txt2ImgRequest(BaseModel):
-    """POST /sdapi/v1/txt2img. Unset fields take this model's defaults (not the WebUI's 512x512, 50 steps, CFG 7).
-    Every other WebUI field is accepted; those that would change the picture are reported in `info.ignored`."""
+    """POST /sdapi/v1/txt2img. Unset (or null) fields take the loaded model's defaults, not the WebUI's 512x512,
+    50 steps and CFG 7. Every other WebUI field is accepted; those that would change the picture are reported in
+    `info.ignored`. Bounds are checked by `GenerationParams`, as on every route."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    prompt: str = Field("", description="What to draw (required here, unlike the WebUI).")
-    negative_prompt: str | None = Field(None, description="Used when cfg_scale > 0.")
-    width: int | None = Field(None, description="Pixels, a multiple of 16; default: the model's size.")
-    height: int | None = Field(None, description="Pixels, a multiple of 16; default: the model's size.")
-    steps: int | None = Field(None, description="Default: the model's (8 for Z-Image-Turbo).")
-    cfg_scale: float | None = Field(None, description="Default: the model's (0, guidance off, for Turbo).")
-    seed: int = Field(-1, description="-1 picks one; image i of the request uses seed + i.")
-    batch_size: int = Field(1, description=f"Images per batch; batch_size x n_iter at most {MAX_IMAGES}.")
-    n_iter: int = Field(1, description="Batches; all run as one job here.")
+    prompt: str = Field(description="What to draw (required here, unlike the WebUI).", **PROMPT)
+    negative_prompt: str | None = Field(None, description="Used when cfg_scale > 0.", **PROMPT)
+    width: int | None = Field(None, description="Pixels; default: the model's size.", **SIDE)
+    height: int | None = Field(None, description="Pixels; default: the model's size.", **SIDE)
+    steps: int | None = Field(None, description="Default: the model's (8 for Z-Image-Turbo).",
+                              **documented(minimum=1, maximum=MAX_STEPS))  # fmt: skip
+    cfg_scale: float | None = Field(None, description="Default: the model's (0, guidance off, for Turbo).",
+                                    **documented(minimum=0, maximum=MAX_CFG))  # fmt: skip
+    seed: int = Field(-1, description="-1 picks one; image i of the request uses seed + i.",
+                      **documented(minimum=-1, maximum=MAX_SEED))  # fmt: skip
+    batch_size: int = Field(1, description=f"Images per batch; batch_size x n_iter at most {MAX_IMAGES}.",
+                            **documented(minimum=1, maximum=MAX_IMAGES))  # fmt: skip
+    n_iter: int = Field(1, description="Batches; all run as one job here.", **documented(minimum=1, maximum=MAX_IMAGES))
     sampler_name: str | None = Field(None, description=f"Accepted; this server has one sampler, {SAMPLER}.")
     sampler_index: str | None = Field(None, description="The WebUI's older name for sampler_name.")
     scheduler: str | None = Field(None, description="Accepted; only 'automatic' (the model's schedule) is used.")
@@ -304,7 +310,8 @@ def build_a1111_router(studio: Studio) -> APIRouter:
         if not await wait_finished(request, queue, job):
             return Response(status_code=499)  # nobody reads it: the client has gone
         if job.status == "failed":
-            return unavailable_response(job.error) if queue.unavailable() else error_response(500, job.error or "")
+            reason = job.error or "the job failed"
+            return unavailable_response(reason) if queue.unavailable() else error_response(500, reason)
         images, infotexts = [], []
         if job.status == "done":
             images, infotexts = await run_in_threadpool(read_images, studio, job.outputs)
