@@ -83,14 +83,13 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
-        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images, "
-        "AUTOMATIC1111-compatible /sdapi/v1. "
+        description="Local Z-Image-Turbo studio: native API under /api/v1, OpenAI-compatible /v1/images. "
         "With a token set, send `Authorization: Bearer TOKEN`.",
     )
     app.state.studio = studio
     add_error_handlers(app)
+    app.include_router(build_a1111_router(studio))  # the AUTOMATIC1111 WebUI's API, for the tools that speak it
     app.include_router(build_router(studio))
-    app.include_router(build_a1111_router(studio))
     if ui:
         import gradio as gr
 
