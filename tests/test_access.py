@@ -67,6 +67,7 @@ def test_every_route_against_every_credential(served_with_token):
     assert {"/api/v1/generations", "/v1/images/generations", "/docs", "/openapi.json", "/metrics", "/ui/"} <= paths
     assert "/mcp" in paths  # MCP's streamable HTTP endpoint is one of the routes the gate must cover
     assert any(p.startswith("/ui/gradio_api/") for p in paths) and any("file=" in p for p in paths)
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/progress", "/sdapi/v1/interrupt"} <= paths
     host = f"127.0.0.1:{runner.port}"
     origin = f"http://{host}"
     bearer = {"Authorization": f"Bearer {TOKEN}"}

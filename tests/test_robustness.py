@@ -52,7 +52,9 @@ def test_fuzzed_requests_never_get_a_5xx(gen, tmp_path):
                 fuzz(operation, mode, str(client.base_url), seen, server_errors)
     total = sum(seen.values())
     print(f"fuzzed {total} requests: {dict(sorted(seen.items()))}")
-    assert total >= FUZZ_EXAMPLES * len(operations)
+    # Operations without parameters or body (GET /sdapi/v1/samplers, ...) have one request to make, not FUZZ_EXAMPLES.
+    with_input = [op for op in operations if len(op.path_parameters) + len(op.query) + len(op.body)]
+    assert total >= FUZZ_EXAMPLES * len(with_input)
     assert server_errors == []
 
 

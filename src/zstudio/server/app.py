@@ -14,6 +14,7 @@ from .. import __version__
 from ..engine import Generator
 from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
 from ..settings import load_settings
+from .a1111 import build_a1111_router
 from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
 from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, is_loopback
 from .history import DB_NAME, History, state_folder
@@ -92,6 +93,7 @@ def create_app(
     app.state.studio = studio
     app.state.mcp = mcp_server
     add_error_handlers(app)
+    app.include_router(build_a1111_router(studio))  # the AUTOMATIC1111 WebUI's API, for the tools that speak it
     app.include_router(build_router(studio))
     app.router.routes.append(mcp_route)  # streamable HTTP for AI agents, behind the same gate as every route
     if ui:

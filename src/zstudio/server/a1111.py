@@ -1,0 +1,382 @@
+"""The AUTOMATIC1111 WebUI API under /sdapi/v1, for the tools that already speak it (webuiapi, Open WebUI, SillyTavern,
+Krita plugins).
+
+A thin translation: txt2img's fields become the one `GenerationParams` and go through the same job queue as every
+other request (submit, then wait; a client that goes away cancels its job). Answers keep the WebUI's shapes: `images`
+as base64 PNGs (the saved files, with their `parameters` text inside), `parameters` echoing the request, `info` a
+JSON string. Fields this server does not implement are accepted; those that would change the picture are listed in
+`info`'s `ignored`, never silently dropped. Bad values get the same one-line 422 as the rest of the API, naming the
+WebUI's field.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
+from .api import DISCONNECT_POLL_S, RETRY_AFTER_S, SafeJSONResponse, Studio, error_response, unavailable_response
+from .jobs import Job, JobQueue, QueueFull, Unavailable
+from .protocol import PROMPT, SIDE, documented
+
+SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
+SAMPLER_ALIASES = ("euler", "flow_match_euler")
+# The WebUI's other txt2img fields: each leaves the picture as this server makes it, acts only with a feature that is
+# reported when asked for (the hires fix's settings), or is checked in `ignored_fields`. Any other field is reported.
+KNOWN_FIELDS = frozenset(
+    ("hr_scale hr_upscaler hr_second_pass_steps hr_resize_x hr_resize_y hr_checkpoint_name hr_sampler_name "
+     "hr_scheduler hr_prompt hr_negative_prompt hr_additional_modules denoising_strength firstphase_width "
+     "firstphase_height subseed seed_resize_from_h seed_resize_from_w eta s_min_uncond s_churn s_tmax s_tmin s_noise "
+     "override_settings_restore_afterwards script_args script_name alwayson_scripts save_images do_not_save_samples "
+     "do_not_save_grid refiner_checkpoint refiner_switch_at disable_extra_networks comments force_task_id infotext "
+     "firstpass_image").split()
+)  # fmt: skip
+# Our field names as the WebUI calls them, for error messages.
+A1111_FIELDS = {"num_inference_steps": "steps", "num_images": "batch_size"}
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img. Unset (or null) fields take the loaded model's defaults, not the WebUI's 512x512,
+    50 steps and CFG 7. Every other WebUI field is accepted; those that would change the picture are reported in
+    `info.ignored`. Bounds are checked by `GenerationParams`, as on every route."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: str = Field(description="What to draw (required here, unlike the WebUI).", **PROMPT)
+    negative_prompt: str | None = Field(None, description="Used when cfg_scale > 0.", **PROMPT)
+    width: int | None = Field(None, description="Pixels; default: the model's size.", **SIDE)
+    height: int | None = Field(None, description="Pixels; default: the model's size.", **SIDE)
+    steps: int | None = Field(None, description="Default: the model's (8 for Z-Image-Turbo).",
+                              **documented(minimum=1, maximum=MAX_STEPS))  # fmt: skip
+    cfg_scale: float | None = Field(None, description="Default: the model's (0, guidance off, for Turbo).",
+                                    **documented(minimum=0, maximum=MAX_CFG))  # fmt: skip
+    seed: int = Field(-1, description="-1 picks one; image i of the request uses seed + i.",
+                      **documented(minimum=-1, maximum=MAX_SEED))  # fmt: skip
+    batch_size: int = Field(1, description=f"Images per batch; batch_size x n_iter at most {MAX_IMAGES}.",
+                            **documented(minimum=1, maximum=MAX_IMAGES))  # fmt: skip
+    n_iter: int = Field(1, description="Batches; all run as one job here.", **documented(minimum=1, maximum=MAX_IMAGES))
+    sampler_name: str | None = Field(None, description=f"Accepted; this server has one sampler, {SAMPLER}.")
+    sampler_index: str | None = Field(None, description="The WebUI's older name for sampler_name.")
+    scheduler: str | None = Field(None, description="Accepted; only 'automatic' (the model's schedule) is used.")
+    send_images: bool = Field(True, description="False answers without the images (they are still saved).")
+    enable_hr: bool = Field(False, description="Not implemented (reported as ignored when true).")
+    restore_faces: bool | None = Field(None, description="Not implemented (reported as ignored when true).")
+    tiling: bool | None = Field(None, description="Not implemented (reported as ignored when true).")
+    styles: list[str] | None = Field(None, description="Not implemented (reported as ignored when given).")
+    subseed_strength: float | None = Field(None, description="Not implemented (reported as ignored when > 0).")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="Settings that differ from GET /sdapi/v1/options are reported as ignored."
+    )
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNG files, as saved (with their `parameters` text).")
+    parameters: dict[str, Any] = Field(description="The request, echoed.")
+    info: str = Field(description="A JSON string: seed, all_seeds, prompt, sizes, sampler_name, ignored, ...")
+
+
+class SdModel(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class Sampler(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str] = {}
+
+
+class Options(BaseModel):
+    """The settings the WebUI's clients read; none can be changed here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str
+    sd_checkpoint_hash: str | None = None
+    samples_format: str = "png"
+    show_progress_every_n_steps: int = Field(-1, description="-1: no live previews (current_image is null).")
+
+
+class OptionsUpdate(BaseModel):
+    ignored: list[str] = Field(description="'name: why' for each setting that differs and was not applied.")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class Progress(BaseModel):
+    progress: float = Field(description="0-1 for the running job; 0 when idle.")
+    eta_relative: float = Field(description="Seconds left for the running job (an estimate).")
+    state: ProgressState
+    current_image: str | None = Field(None, description="Always null: no live previews.")
+    textinfo: str | None = None
+
+
+class Interrupted(BaseModel):
+    interrupted: str | None = Field(description="The id of the job that will stop, or null when none ran.")
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
+    """'field: why' for every requested feature that would change the picture and is not implemented here."""
+    ignored = []
+    sampler = body.sampler_name or body.sampler_index
+    if sampler and sampler.lower() not in SAMPLER_ALIASES:
+        ignored.append(f"sampler_name: {sampler!r} is not available; this server has one sampler, {SAMPLER}")
+    if body.scheduler and body.scheduler.lower() != "automatic":
+        ignored.append(f"scheduler: {body.scheduler!r} is not available; the model's own schedule is used")
+    if body.enable_hr:
+        ignored.append("enable_hr: the hires fix is not implemented")
+    for name in ("restore_faces", "tiling"):
+        if getattr(body, name):
+            ignored.append(f"{name}: not implemented")
+    if body.styles:
+        ignored.append("styles: saved prompt styles are not implemented")
+    if body.subseed_strength:
+        ignored.append("subseed_strength: variation seeds are not implemented")
+    for key, value in (body.override_settings or {}).items():
+        if options.get(key, object()) != value:
+            ignored.append(f"override_settings.{key}: not applied (GET /sdapi/v1/options shows what is used)")
+    extra = body.model_extra or {}
+    if extra.get("refiner_checkpoint") not in (None, "", "None"):
+        ignored.append("refiner_checkpoint: refiners are not implemented")
+    if positive(extra.get("seed_resize_from_w")) and positive(extra.get("seed_resize_from_h")):
+        ignored.append("seed_resize_from_w: resizing from another seed's size is not implemented")
+    if positive(extra.get("s_churn")):
+        ignored.append("s_churn: not implemented")
+    if extra.get("script_name"):
+        ignored.append(f"script_name: scripts are not available ({extra['script_name']!r})")
+    scripts = extra.get("alwayson_scripts")
+    if scripts:
+        names = ", ".join(map(str, scripts)) if isinstance(scripts, dict) else "given"
+        ignored.append(f"alwayson_scripts: extensions are not available ({names})")
+    ignored += [f"{key}: not a field of this API" for key in extra if key not in KNOWN_FIELDS]
+    return ignored
+
+
+def generation_params(body: Txt2ImgRequest) -> GenerationParams:
+    """The one parameters type from the WebUI's fields; errors name the WebUI's field."""
+    for name in ("batch_size", "n_iter"):
+        if getattr(body, name) < 1:
+            raise ParamError(name, f"{getattr(body, name)} is below 1")
+    count = body.batch_size * body.n_iter
+    if count > MAX_IMAGES:
+        raise ParamError(
+            "batch_size",
+            f"batch_size {body.batch_size} x n_iter {body.n_iter} is {count} images; at most {MAX_IMAGES} per request",
+        )
+    try:
+        return GenerationParams(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt or "",
+            width=body.width,
+            height=body.height,
+            num_inference_steps=body.steps,
+            cfg_scale=body.cfg_scale,
+            seed=body.seed,
+            num_images=count,
+        )
+    except ParamError as err:
+        if err.field not in A1111_FIELDS:
+            raise
+        reason = str(err)[len(err.field) + 2 :]
+        raise ParamError(A1111_FIELDS[err.field], reason) from None
+
+
+def running_job(queue: JobQueue) -> Job | None:
+    """The job the worker is running, if any (a job is finished a moment before the worker lets go of it)."""
+    job_id = queue.running
+    job = queue.get(job_id) if job_id else None
+    return job if job is not None and not job.finished else None
+
+
+def model_title(studio: Studio) -> str:
+    return studio.queue.generator.info()["model"]
+
+
+def current_options(studio: Studio) -> dict[str, Any]:
+    return Options(sd_model_checkpoint=model_title(studio)).model_dump()
+
+
+async def wait_finished(request: Request, queue: JobQueue, job: Job) -> bool:
+    """Wait for the job to end; False (and the job cancelled) if the client goes away first."""
+    while not job.finished:
+        seen = job.version
+        await queue.wait_async(job, seen, DISCONNECT_POLL_S)
+        if not job.finished and await request.is_disconnected():
+            queue.cancel(job.id)
+            return False
+    return True
+
+
+def info_text(job: Job, body: Txt2ImgRequest, model: str, infotexts: list[str], ignored: list[str]) -> str:
+    """`info` as the WebUI writes it: a JSON string describing what was made."""
+    p = job.params
+    seeds = job.seeds or [p.seed]
+    count = len(seeds)
+    return json.dumps(
+        {
+            "prompt": p.prompt,
+            "all_prompts": [p.prompt] * count,
+            "negative_prompt": p.negative_prompt,
+            "all_negative_prompts": [p.negative_prompt] * count,
+            "seed": seeds[0],
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * count,
+            "subseed_strength": 0,
+            "width": p.width,
+            "height": p.height,
+            "sampler_name": SAMPLER,
+            "scheduler": "Automatic",
+            "cfg_scale": p.cfg_scale,
+            "steps": p.num_inference_steps,
+            "batch_size": body.batch_size,
+            "n_iter": body.n_iter,
+            "restore_faces": False,
+            "sd_model_name": model,
+            "sd_model_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": None,
+            "extra_generation_params": {},
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": 1,
+            "is_using_inpainting_conditioning": False,
+            "version": f"zstudio {__version__}",
+            "interrupted": job.status == "cancelled",
+            "ignored": ignored,
+        },
+        ensure_ascii=False,
+    )
+
+
+def read_images(studio: Studio, names: list[str]) -> tuple[list[str], list[str]]:
+    """(base64 files, their `parameters` texts) for the saved images."""
+    images, infotexts = [], []
+    for name in names:
+        raw = (studio.outputs / name).read_bytes()
+        images.append(base64.b64encode(raw).decode())
+        with Image.open(io.BytesIO(raw)) as image:
+            infotexts.append(image.text.get("parameters", ""))
+    return images, infotexts
+
+
+def build_a1111_router(studio: Studio) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], default_response_class=SafeJSONResponse)
+    queue = studio.queue
+
+    @router.post("/txt2img", response_model=Txt2ImgResponse)
+    async def txt2img(request: Request, body: Txt2ImgRequest):
+        """Make batch_size x n_iter images and answer with them, synchronously as the WebUI does. A client that goes
+        away cancels its job; POST /sdapi/v1/interrupt stops it (then `images` is empty and info says interrupted)."""
+        ignored = ignored_fields(body, current_options(studio))
+        try:
+            job = await run_in_threadpool(queue.submit, generation_params(body))
+        except ParamError as err:
+            return error_response(422, str(err), err.field)
+        except QueueFull as err:
+            return error_response(429, str(err), **{"Retry-After": str(RETRY_AFTER_S)})
+        except Unavailable as err:
+            return unavailable_response(str(err))
+        if not await wait_finished(request, queue, job):
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        if job.status == "failed":
+            reason = job.error or "the job failed"
+            return unavailable_response(reason) if queue.unavailable() else error_response(500, reason)
+        images, infotexts = [], []
+        if job.status == "done":
+            images, infotexts = await run_in_threadpool(read_images, studio, job.outputs)
+        info = info_text(job, body, model_title(studio), infotexts, ignored)
+        return {"images": images if body.send_images else [], "parameters": body.model_dump(), "info": info}
+
+    @router.get("/options", response_model=Options)
+    def get_options():
+        return current_options(studio)
+
+    @router.post("/options", response_model=OptionsUpdate)
+    def set_options(body: dict[str, Any]):
+        """Accepts the WebUI's settings; none can change here. Each one that differs from GET's is listed as ignored
+        (sending GET's answer back, as Open WebUI does, changes nothing and ignores nothing)."""
+        options = current_options(studio)
+        ignored = []
+        for key, value in body.items():
+            if key == "sd_model_checkpoint" and value != options[key]:
+                ignored.append(f"{key}: this server serves one model, {options[key]}; start it with --model to change")
+            elif options.get(key, object()) != value:
+                ignored.append(f"{key}: not a setting of this server")
+        return {"ignored": ignored}
+
+    @router.get("/sd-models", response_model=list[SdModel])
+    def sd_models():
+        info = queue.generator.info()
+        return [{"title": info["model"], "model_name": info["model"], "filename": info["model_path"] or ""}]
+
+    @router.get("/samplers", response_model=list[Sampler])
+    def samplers():
+        return [{"name": SAMPLER, "aliases": list(SAMPLER_ALIASES), "options": {}}]
+
+    @router.get("/scripts")
+    def scripts():
+        """No scripts or extensions (webuiapi asks at start)."""
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/progress", response_model=Progress)
+    def progress(skip_current_image: bool = False):
+        """The running job's progress (0-1), an ETA in seconds, and the WebUI's state block."""
+        job = running_job(queue)
+        waiting = len(queue.waiting)
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": {"job_count": waiting}, "current_image": None}
+        done = job.step / job.total_steps if job.total_steps else 0.0
+        record = queue.history.get(job.id) or {}
+        elapsed = time.time() - (record.get("started") or time.time())
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        state = {
+            "interrupted": job.cancel_requested,
+            "job": job.id,
+            "job_count": waiting + 1,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(record.get("started") or time.time())),
+            "sampling_step": job.step,
+            "sampling_steps": job.total_steps,
+        }
+        return {"progress": round(done, 4), "eta_relative": round(max(eta, 0.0), 2), "state": state,
+                "current_image": None, "textinfo": f"step {job.step}/{job.total_steps}"}  # fmt: skip
+
+    @router.post("/interrupt", response_model=Interrupted)
+    def interrupt():
+        """Stop the running job at its next transformer block (waiting jobs stay, as in the WebUI)."""
+        job = running_job(queue)
+        if job is not None:
+            queue.cancel(job.id)
+        return {"interrupted": job.id if job else None}
+
+    return router
