@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..engine import Generator
@@ -20,6 +21,7 @@ from .history import DB_NAME, History, state_folder
 from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
 
 log = logging.getLogger(__name__)
+DOCS_ASSETS = "/docs-assets"
 
 __all__ = ["create_app", "serve", "is_loopback", "check_writable"]
 
@@ -77,8 +79,9 @@ def create_app(
             queue.stop()
             history.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from the installed package, not a CDN
         title="zstudio",
+        static_url=DOCS_ASSETS,
         version=__version__,
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
