@@ -94,6 +94,7 @@ def create_app(
     if ui:
         import gradio as gr
 
+        from .i18n import I18N
         from .ui import build_ui
 
         blocks = studio.blocks = build_ui(studio)
@@ -105,6 +106,7 @@ def create_app(
             allowed_paths=[str(outputs)],
             blocked_paths=[str(state)],
             max_file_size=UPLOAD_LIMIT_BYTES,
+            i18n=I18N,
         )
 
         @app.get("/", include_in_schema=False)
