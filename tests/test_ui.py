@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -55,4 +57,50 @@ def test_generate_from_the_browser_and_see_history(served, tmp_path):
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
         page.wait_for_selector("#history img", timeout=30_000)
+        browser.close()
+
+
+SCREENSHOTS = {"en": "screenshot.png", "zh": "screenshot-zh.png"}
+WORDS = {  # what each language shows: a label, the Generate button, the History tab, the status and the result
+    "en": ("Prompt", "Generate", "History", "Model", "Done: 4 image(s)"),
+    "zh": ("提示词", "生成", "历史", "模型", "完成：4 张图片"),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_served(tmp_path_factory):
+    generator = Generator(model="demo", device="cpu").load()  # draws shapes, so the screenshots show something
+    runner = Running(create_app(generator, tmp_path_factory.mktemp("ui-demo-outputs")))
+    client = runner.__enter__()
+    yield f"{client.base_url}/ui/"
+    runner.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("locale", "lang"), [("en-US", "en"), ("zh-CN", "zh")])
+def test_page_speaks_the_browsers_language(demo_served, tmp_path, locale, lang):
+    """Labels (Gradio's i18n) and the server's own lines (status, progress) follow the browser's language.
+    ZSTUDIO_UPDATE_SCREENSHOTS=1 writes the screenshots into docs/."""
+    from playwright.sync_api import sync_playwright
+
+    label, button, tab, status_word, done = WORDS[lang]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(locale=locale, viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.goto(demo_served)
+        page.locator("#zstudio-status", has_text=status_word).wait_for(timeout=30_000)
+        page.get_by_text(label, exact=True).first.wait_for()
+        assert page.inner_text("#generate").strip() == button
+        assert page.get_by_role("tab", name=tab).count() == 1
+        page.fill("#prompt textarea", "a red circle on a blue background")
+        page.locator("#seed input").fill("3")
+        page.locator("#images input[type=number]").fill("4")
+        page.locator("#images input[type=number]").press("Enter")
+        page.click("#generate")
+        page.locator("#zstudio-progress", has_text=done).wait_for(timeout=120_000)
+        page.wait_for_selector("#result img", timeout=30_000)
+        shot = tmp_path / SCREENSHOTS[lang]
+        page.screenshot(path=str(shot))
+        if os.environ.get("ZSTUDIO_UPDATE_SCREENSHOTS") == "1":
+            shutil.copy(shot, Path(__file__).parent.parent / "docs" / SCREENSHOTS[lang])
         browser.close()

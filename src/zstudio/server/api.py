@@ -28,7 +28,20 @@ from ..params import GenerationParams, ParamError, printable, resolve_size
 from .history import PAGE_BYTES
 from .jobs import Job, JobQueue, QueueFull, Unavailable, describe
 from .metrics import metrics_registry, metrics_text
-from .protocol import GenerationRequest, OpenAIImageRequest
+from .protocol import (
+    Accepted,
+    Deleted,
+    ErrorBody,
+    GenerationRequest,
+    Health,
+    HistoryPage,
+    InvalidRequest,
+    OpenAIError,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    answers,
+)
+from .protocol import Job as JobBody
 
 IMAGE_NAME = re.compile(r"^outputs_\d{14}(_\d+)?\.(png|jpg|webp)$")
 RETRY_AFTER_S = 5
@@ -152,7 +165,8 @@ def build_router(studio: Studio) -> APIRouter:
             raise HTTPException(404, f"no job {printable(job_id)}")
         return job_view(studio, job, record)
 
-    @router.post("/api/v1/generations", status_code=202, tags=["generations"])
+    @router.post("/api/v1/generations", status_code=202, tags=["generations"],
+                 responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody))  # fmt: skip
     def create_generation(body: GenerationRequest):
         """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
         jobs cannot run now, each with the reason)."""
@@ -168,18 +182,30 @@ def build_router(studio: Studio) -> APIRouter:
             status_code=202, content={"id": job.id, "status": job.status, "position": queue.position(job.id)}
         )
 
-    @router.get("/api/v1/generations/{job_id}", tags=["generations"])
+    @router.get(
+        "/api/v1/generations/{job_id}",
+        tags=["generations"],
+        responses=answers(JobBody, e404=ErrorBody, e422=InvalidRequest),
+    )
     def get_generation(job_id: str):
         return find(job_id)
 
-    @router.delete("/api/v1/generations/{job_id}", tags=["generations"])
+    @router.delete(
+        "/api/v1/generations/{job_id}",
+        tags=["generations"],
+        responses=answers(JobBody, e404=ErrorBody, e422=InvalidRequest),
+    )
     def cancel_generation(job_id: str):
         """Cancel: a waiting job at once, a running one before its next transformer block."""
         if queue.cancel(job_id) is None:
             raise HTTPException(404, f"no running or waiting job {printable(job_id)}")
         return find(job_id)
 
-    @router.get("/api/v1/generations/{job_id}/events", tags=["generations"])
+    @router.get(
+        "/api/v1/generations/{job_id}/events",
+        tags=["generations"],
+        responses=answers(e404=ErrorBody, e422=InvalidRequest),
+    )
     async def generation_events(job_id: str):
         """Server-Sent Events: one `progress` event per change, then `done`, `failed` or `cancelled`."""
         job = queue.get(job_id)
@@ -204,7 +230,7 @@ def build_router(studio: Studio) -> APIRouter:
 
         return EventSourceResponse(stream(), ping=SSE_PING_S)
 
-    @router.get("/api/v1/images/{name}", tags=["images"])
+    @router.get("/api/v1/images/{name}", tags=["images"], responses=answers(e404=ErrorBody, e422=InvalidRequest))
     def get_image(name: str):
         """A generated file, by name, only from the outputs folder."""
         if not IMAGE_NAME.match(name):
@@ -214,7 +240,7 @@ def build_router(studio: Studio) -> APIRouter:
             raise HTTPException(404, "no such image")
         return FileResponse(path)
 
-    @router.get("/api/v1/history", tags=["history"])
+    @router.get("/api/v1/history", tags=["history"], responses=answers(HistoryPage, e422=InvalidRequest))
     def history(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
         """Newest first; a page holds at most `limit` entries and about 1 MB (then `next_offset` continues)."""
         records = queue.history.page(limit=limit, offset=offset, max_bytes=PAGE_BYTES)
@@ -228,7 +254,11 @@ def build_router(studio: Studio) -> APIRouter:
             "items": [job_view(studio, None, r) for r in records],
         }
 
-    @router.delete("/api/v1/history/{job_id}", tags=["history"])
+    @router.delete(
+        "/api/v1/history/{job_id}",
+        tags=["history"],
+        responses=answers(Deleted, e404=ErrorBody, e409=ErrorBody, e422=InvalidRequest),
+    )
     def delete_history(job_id: str):
         """Forget a finished job: its database row, its files and the web UI's copies of them."""
         record = studio.delete_entry(job_id)
@@ -236,7 +266,7 @@ def build_router(studio: Studio) -> APIRouter:
             raise HTTPException(404, f"no job {printable(job_id)}")
         return {"deleted": job_id, "files": record["outputs"]}
 
-    @router.get("/api/v1/health", tags=["status"])
+    @router.get("/api/v1/health", tags=["status"], responses=answers(Health, e503=Health))
     def health():
         """200 while jobs are accepted; 503 with the reason while the worker, the engine or the disk cannot."""
         data = status(studio)
@@ -246,7 +276,9 @@ def build_router(studio: Studio) -> APIRouter:
     def metrics():
         return Response(metrics_text(studio.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @router.post("/v1/images/generations", tags=["openai"])
+    @router.post("/v1/images/generations", tags=["openai"], responses=answers(
+        OpenAIImagesResponse, e400=OpenAIError, e422=InvalidRequest, e429=OpenAIError, e500=OpenAIError,
+        e503=OpenAIError))  # fmt: skip
     async def openai_images(request: Request, body: OpenAIImageRequest):
         """OpenAI-compatible and synchronous: prompt, n, size "WxH", response_format b64_json|url, optional seed.
         If the client goes away before the images are ready, its job is cancelled."""

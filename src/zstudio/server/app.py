@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..engine import Generator
@@ -22,6 +23,7 @@ from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
 from .mcp import LocalStudio, build_mcp_server, http_route
 
 log = logging.getLogger(__name__)
+DOCS_ASSETS = "/docs-assets"
 
 __all__ = ["create_app", "serve", "is_loopback", "check_writable"]
 
@@ -82,8 +84,9 @@ def create_app(
             queue.stop()
             history.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from the installed package, not a CDN
         title="zstudio",
+        static_url=DOCS_ASSETS,
         version=__version__,
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
@@ -99,6 +102,7 @@ def create_app(
     if ui:
         import gradio as gr
 
+        from .i18n import I18N
         from .ui import build_ui
 
         blocks = studio.blocks = build_ui(studio)
@@ -110,6 +114,7 @@ def create_app(
             allowed_paths=[str(outputs)],
             blocked_paths=[str(state)],
             max_file_size=UPLOAD_LIMIT_BYTES,
+            i18n=I18N,
         )
 
         @app.get("/", include_in_schema=False)

@@ -23,6 +23,7 @@ from ..params import (
     OUTPUT_FORMATS,
     SIDE_MULTIPLE,
 )
+from .history import FINAL, UNFINISHED
 
 
 def documented(**schema) -> dict:
@@ -64,3 +65,135 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     seed: int | None = Field(None, description="Not in OpenAI's API: a fixed seed.", **documented(minimum=-1))
     negative_prompt: str | None = Field(None, description="Not in OpenAI's API.", **PROMPT)
+
+
+# Responses. Documented (and checked against real answers in tests/test_protocol.py); the routes build them as dicts.
+
+JobStatus = Literal[UNFINISHED + FINAL]  # type: ignore[valid-type]
+
+
+class UsedParams(GenerationRequest):
+    """The parameters a job ran with: the request's fields, with the model's defaults filled in once it ran."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+
+class ImageLink(BaseModel):
+    url: str = Field(description="GET it for the file.", examples=["/api/v1/images/outputs_20260101120000.png"])
+    seed: int = Field(description="The seed that drew this image.", **documented(minimum=0, maximum=MAX_SEED))
+
+
+class Job(BaseModel):
+    """One generation, while it runs (this process) or from the history database."""
+
+    id: str
+    status: JobStatus
+    params: UsedParams
+    step: int = Field(description="Transformer steps done so far.")
+    total_steps: int | None = None
+    outputs: list[str] = Field(description="File names in the outputs folder, once saved.")
+    seeds: list[int]
+    seconds: float | None = Field(None, description="Generation time, once done.")
+    error: str | None = Field(None, description="Why it failed or was cancelled.")
+    position: int | None = Field(None, description="Place in the queue while waiting (0 = next); else null.")
+    images: list[ImageLink]
+    created: float | None = Field(None, description="Unix time; in history entries.")
+    started: float | None = None
+    finished: float | None = None
+
+
+class Accepted(BaseModel):
+    """A job was queued."""
+
+    id: str
+    status: JobStatus
+    position: int | None = Field(description="Place in the queue (0 = next).")
+
+
+class HistoryPage(BaseModel):
+    """Newest first; `next_offset` continues when more entries remain."""
+
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+    items: list[Job]
+
+
+class Deleted(BaseModel):
+    deleted: str = Field(description="The job id.")
+    files: list[str] = Field(description="The files removed from the outputs folder.")
+
+
+class QueueState(BaseModel):
+    waiting: int
+    running: str | None = Field(description="The running job's id, if any.")
+    worker_restarts: int
+
+
+class Health(BaseModel):
+    """GET /api/v1/health: 200 with status "ok" while jobs are accepted, 503 "unavailable" with the reason."""
+
+    status: Literal["ok", "unavailable"]
+    reason: str | None
+    version: str
+    model: str
+    model_sizes: str = Field(description="The sizes the loaded model is made for.", examples=["512x512, 1024x1024"])
+    model_loaded: bool
+    embedded_default: bool = Field(description="True when serving the shipped demo model, not Z-Image.")
+    device: str
+    dtype: str
+    speed: str
+    memory_mode: str
+    free_gpu_memory_gb: float | None
+    queue: QueueState
+
+
+class FieldError(BaseModel):
+    loc: list[str] = Field(description='["body", FIELD]: the field that was wrong.', examples=[["body", "width"]])
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    """422: one line naming the field, the value and what is allowed."""
+
+    error: str = Field(examples=["width: 1000 is not a multiple of 16; use 992 or 1008"])
+    detail: list[FieldError]
+
+
+class ErrorBody(BaseModel):
+    """404, 409, 429 and 503 (these two with Retry-After): one line saying what was wrong."""
+
+    error: str
+    detail: str | list[FieldError] | None = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    seed: int
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def answers(ok: type[BaseModel] | None = None, status: int = 200, **errors: type[BaseModel]) -> dict:
+    """The `responses=` of a route: its success body and its error bodies (keyword `e404=ErrorBody`, ...)."""
+    documented_answers: dict = {int(code[1:]): {"model": model} for code, model in errors.items()}
+    if ok is not None:
+        documented_answers[status] = {"model": ok}
+    return documented_answers

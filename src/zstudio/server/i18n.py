@@ -1,0 +1,103 @@
+"""The web UI's words in English and Simplified Chinese (the CLI and the HTTP API stay English).
+
+Labels are Gradio i18n keys (`I18N(key)`), which the browser translates by its language, or by the language picked
+under "Settings" in the page's footer. Text the server writes while running (status, progress, errors) is translated
+here, by the language the browser sends in Accept-Language (`language(request)`).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+LANGUAGES = ("en", "zh")
+
+# key: (English, 简体中文). Placeholders in braces are filled by `text`.
+TEXTS: dict[str, tuple[str, str]] = {
+    "generate_tab": ("Generate", "生成"),
+    "history_tab": ("History", "历史"),
+    "prompt": ("Prompt", "提示词"),
+    "prompt_placeholder": (
+        "a cozy evening street in Kyoto / 一只坐在窗台上的猫",
+        "一只坐在窗台上的猫 / a cozy evening street in Kyoto",
+    ),
+    "negative": ("Negative prompt (used when CFG > 0)", "反向提示词（CFG > 0 时生效）"),
+    "aspect": ("Aspect ratio (~1 MP)", "宽高比（约 100 万像素）"),
+    "width": ("Width", "宽度"),
+    "height": ("Height", "高度"),
+    "steps": ("Steps", "步数"),
+    "steps_info": (
+        "transformer evaluations; Turbo's 8 = the model card's '9' in older diffusers",
+        "Transformer 计算次数；Turbo 的 8 即模型卡中旧版 diffusers 的“9”",
+    ),
+    "cfg": ("CFG (0 = off)", "CFG（0 = 关闭）"),
+    "seed": ("Seed (-1 = random)", "种子（-1 = 随机）"),
+    "reuse_seed": ("Reuse last seed", "沿用上次种子"),
+    "images": ("Images", "张数"),
+    "generate": ("Generate", "生成"),
+    "cancel": ("Cancel", "取消"),
+    "result": ("Result", "结果"),
+    "page": ("Page", "页码"),
+    "refresh": ("Refresh", "刷新"),
+    "history_gallery": ("Past generations (newest first)", "历史生成（最新在前）"),
+    "select_hint": ("Select an image to see its settings.", "选择一张图片以查看其参数。"),
+    "use_settings": ("Use these settings", "使用这些参数"),
+    "delete_entry": ("Delete entry", "删除记录"),
+    # Written by the server while it runs.
+    "status": (
+        "**Model** {model} · **device** {device} ({dtype}, speed {speed}) · **memory mode** {memory} · "
+        "**GPU memory** {free} · **queue** {waiting} waiting",
+        "**模型** {model} · **设备** {device}（{dtype}，加速 {speed}）· **显存模式** {memory} · "
+        "**显存** {free} · **队列** {waiting} 个等待中",
+    ),
+    "free_memory": ("{gb} GB free", "可用 {gb} GB"),
+    "not_available": ("n/a", "不可用"),
+    "not_z_image": (
+        "⚠️ The real Z-Image weights are not available here: this is the {model}, not Z-Image. "
+        "Run `zstudio download` (or pass `--model /path/to/folder`) and restart.",
+        "⚠️ 此处没有真正的 Z-Image 权重：当前是 {model}，不是 Z-Image。"
+        "请运行 `zstudio download`（或传入 `--model /path/to/folder`）后重启。",
+    ),
+    "ready": ("Ready.", "就绪。"),
+    "queued": ("Queued — position {position}", "排队中 — 第 {position} 位"),
+    "step": ("Step {step} of {total}", "第 {step} 步，共 {total} 步"),
+    "done": (
+        "Done: {count} image(s) in {seconds:.2f} s, seeds {seeds}",
+        "完成：{count} 张图片，用时 {seconds:.2f} 秒，种子 {seeds}",
+    ),
+    "ended": ("{status}: {error}", "{status}：{error}"),
+    "failed": ("failed", "失败"),
+    "cancelled": ("cancelled", "已取消"),
+    "caption": ("seed {seed} · {seconds:.2f} s", "种子 {seed} · {seconds:.2f} 秒"),
+    "record": (
+        "**{prompt}**  \nnegative: {negative} · {width}x{height} · {steps} steps · CFG {cfg} · seeds {seeds} · "
+        "{seconds:.2f} s",
+        "**{prompt}**  \n反向提示词：{negative} · {width}x{height} · {steps} 步 · CFG {cfg} · 种子 {seeds} · "
+        "{seconds:.2f} 秒",
+    ),
+    "select_first": ("select an entry first", "请先选择一条记录"),
+    "deleted": ("Deleted {id}.", "已删除 {id}。"),
+    # Before an error the engine or the queue wrote (in English, naming the field and the value).
+    "invalid": ("Invalid input: {error}", "输入有误：{error}"),
+    "busy": ("The queue is full: {error}", "队列已满：{error}"),
+    "unavailable": ("The studio cannot run jobs now: {error}", "工作室暂时无法运行任务：{error}"),
+    "refused": ("Not possible: {error}", "无法执行：{error}"),
+}
+
+I18N = gr.I18n(**{lang: {key: pair[i] for key, pair in TEXTS.items()} for i, lang in enumerate(LANGUAGES)})
+
+
+def language(request: gr.Request | None) -> str:
+    """The browser's first language we have ("zh-CN,zh;q=0.9,en;q=0.8" -> "zh"); English otherwise."""
+    header = request.headers.get("accept-language", "") if request is not None else ""
+    for part in header.split(","):
+        tag = part.split(";")[0].strip().lower()
+        base = tag.split("-")[0]
+        if base in LANGUAGES:
+            return base
+    return "en"
+
+
+def text(lang: str, key: str, **values) -> str:
+    """The server-side words for `key` in `lang`, with `values` filled in."""
+    english, chinese = TEXTS[key]
+    return (chinese if lang == "zh" else english).format(**values)
