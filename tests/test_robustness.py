@@ -372,3 +372,43 @@ def test_a_job_is_done_only_once_its_files_are_on_disk(gen, tmp_path):
         db = sqlite3.connect(tmp_path / "state" / "history.sqlite3")
         rows = db.execute("SELECT status, outputs FROM jobs").fetchall()
         assert len(rows) == 4 and all(s == "done" and len(json.loads(o)) == 2 for s, o in rows)
+
+
+def test_fifty_listeners_on_one_job_stay_in_step(gen, tmp_path):
+    """50 SSE listeners on one job all reach the end within a second of each other, each seeing the steps in order.
+
+    A listener is sent the job's state whenever it changed since its last event, so a slow reader gets the latest
+    step rather than a backlog (on this CPU a step of the tiny model takes milliseconds: some are merged)."""
+    with serve(gen, tmp_path) as client:
+        blocker = client.post("/api/v1/generations", json={**QUICK, "num_inference_steps": 60}).json()
+        job = client.post("/api/v1/generations", json={**QUICK, "width": 512, "height": 512,
+                                                       "num_inference_steps": 6}).json()  # fmt: skip
+        seen: list[list[tuple[str, int, float]]] = [[] for _ in range(50)]
+        connected = threading.Barrier(51)
+
+        def listen(record: list[tuple[str, int, float]]) -> None:
+            with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+                with own.stream("GET", f"/api/v1/generations/{job['id']}/events") as events:
+                    connected.wait()
+                    event = ""
+                    for line in events.iter_lines():
+                        if line.startswith("event: "):
+                            event = line[7:]
+                        elif line.startswith("data: "):
+                            record.append((event, json.loads(line[6:])["step"], time.monotonic()))
+                            if event in ("done", "failed", "cancelled"):
+                                return
+
+        threads = [threading.Thread(target=listen, args=(record,)) for record in seen]
+        for thread in threads:
+            thread.start()
+        connected.wait(30)  # every listener is attached before the job starts running
+        client.delete(f"/api/v1/generations/{blocker['id']}")
+        for thread in threads:
+            thread.join(60)
+    for record in seen:
+        assert record and record[-1][0] == "done" and record[-1][1] == 6
+        steps = [step for event, step, _ in record if event == "progress"]
+        assert steps == sorted(steps) and len(steps) >= 2
+    ends = [record[-1][2] for record in seen]
+    assert max(ends) - min(ends) < 1.0
