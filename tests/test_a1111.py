@@ -166,6 +166,8 @@ def test_routes_are_documented_in_openapi(served):
     for path in ("txt2img", "options", "sd-models", "samplers", "progress", "interrupt"):
         assert f"/sdapi/v1/{path}" in schema["paths"]
     assert {"Txt2ImgRequest", "Txt2ImgResponse", "Progress"} <= set(schema["components"]["schemas"])
+    invalid = schema["paths"]["/sdapi/v1/txt2img"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert invalid["$ref"].endswith("/InvalidRequest")  # the one-line 422 the rest of the API documents
 
 
 def test_a_token_is_required_when_set(tiny_dir, tmp_path):

@@ -27,7 +27,7 @@ from .. import __version__
 from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
 from .api import DISCONNECT_POLL_S, RETRY_AFTER_S, SafeJSONResponse, Studio, error_response, unavailable_response
 from .jobs import Job, JobQueue, QueueFull, Unavailable
-from .protocol import PROMPT, SIDE, documented
+from .protocol import PROMPT, SIDE, ErrorBody, InvalidRequest, answers, documented
 
 SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
 SAMPLER_ALIASES = ("euler", "flow_match_euler")
@@ -294,7 +294,8 @@ def build_a1111_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], default_response_class=SafeJSONResponse)
     queue = studio.queue
 
-    @router.post("/txt2img", response_model=Txt2ImgResponse)
+    @router.post("/txt2img", response_model=Txt2ImgResponse,
+                 responses=answers(e422=InvalidRequest, e429=ErrorBody, e500=ErrorBody, e503=ErrorBody))  # fmt: skip
     async def txt2img(request: Request, body: Txt2ImgRequest):
         """Make batch_size x n_iter images and answer with them, synchronously as the WebUI does. A client that goes
         away cancels its job; POST /sdapi/v1/interrupt stops it (then `images` is empty and info says interrupted)."""
@@ -322,7 +323,7 @@ def build_a1111_router(studio: Studio) -> APIRouter:
     def get_options():
         return current_options(studio)
 
-    @router.post("/options", response_model=OptionsUpdate)
+    @router.post("/options", response_model=OptionsUpdate, responses=answers(e422=InvalidRequest))
     def set_options(body: dict[str, Any]):
         """Accepts the WebUI's settings; none can change here. Each one that differs from GET's is listed as ignored
         (sending GET's answer back, as Open WebUI does, changes nothing and ignores nothing)."""
@@ -349,7 +350,7 @@ def build_a1111_router(studio: Studio) -> APIRouter:
         """No scripts or extensions (webuiapi asks at start)."""
         return {"txt2img": [], "img2img": []}
 
-    @router.get("/progress", response_model=Progress)
+    @router.get("/progress", response_model=Progress, responses=answers(e422=InvalidRequest))
     def progress(skip_current_image: bool = False):
         """The running job's progress (0-1), an ETA in seconds, and the WebUI's state block."""
         job = running_job(queue)
