@@ -164,8 +164,8 @@ def test_server_and_ui_follow_the_loaded_model(demo, tmp_path):
         assert openai.json()["error"]["param"] == "size" and "trained at" in openai.json()["error"]["message"]
 
     ui = build_ui(Studio(JobQueue(demo, History(tmp_path / "history.sqlite3")), tmp_path))
-    sliders = {b.label: b for b in ui.blocks.values() if isinstance(b, gr.Slider)}
-    assert (sliders["Width"].minimum, sliders["Width"].maximum) == demo.profile.side_range
-    assert sliders["Width"].value == demo.profile.width and sliders["Steps"].value == demo.profile.num_inference_steps
+    sliders = {b.elem_id: b for b in ui.blocks.values() if isinstance(b, gr.Slider)}
+    assert (sliders["width"].minimum, sliders["width"].maximum) == demo.profile.side_range
+    assert sliders["width"].value == demo.profile.width and sliders["steps"].value == demo.profile.num_inference_steps
     buttons = {b.value for b in ui.blocks.values() if isinstance(b, gr.Button)}
     assert {f"{w}x{h}" for w, h in demo.profile.sizes} <= buttons and "1024x1024" not in buttons

@@ -29,3 +29,12 @@ def test_language_follows_the_browsers_first_known_choice(header, lang):
 def test_server_side_text_is_filled_in_each_language():
     assert text("en", "step", step=3, total=8) == "Step 3 of 8"
     assert text("zh", "step", step=3, total=8) == "第 3 步，共 8 步"
+
+
+def test_ui_errors_say_what_happened_in_the_language_then_the_engines_line():
+    from zstudio.params import ParamError
+    from zstudio.server.ui import error_message
+
+    err = ParamError("width", "1000 is not a multiple of 16; use 992 or 1008")
+    assert error_message("zh", err) == "输入有误：width: 1000 is not a multiple of 16; use 992 or 1008"
+    assert error_message("en", err).startswith("Invalid input: width: 1000")

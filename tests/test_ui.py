@@ -104,3 +104,20 @@ def test_page_speaks_the_browsers_language(demo_served, tmp_path, locale, lang):
         if os.environ.get("ZSTUDIO_UPDATE_SCREENSHOTS") == "1":
             shutil.copy(shot, Path(__file__).parent.parent / "docs" / SCREENSHOTS[lang])
         browser.close()
+
+
+def test_settings_in_the_footer_switch_the_labels(demo_served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_context(locale="en-US").new_page()
+        page.goto(demo_served)
+        page.locator("#zstudio-status", has_text="Model").wait_for(timeout=30_000)
+        assert page.inner_text("#generate").strip() == "Generate"
+        page.get_by_text("Settings").click()
+        page.locator("[aria-label*='anguage']").first.click()
+        page.locator("ul[role=listbox] li", has_text="简体中文").first.click()
+        page.locator("#generate", has_text="生成").wait_for(timeout=10_000)
+        assert "提示词" in page.inner_text("#prompt")
+        browser.close()

@@ -68,8 +68,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in profile.sizes]
                         aspect = gr.Dropdown(["—", *aspects], value="—", label=I18N("aspect"), visible=bool(aspects))
                     with gr.Row():
-                        width = gr.Slider(*profile.side_range, value=profile.width, step=16, label=I18N("width"))
-                        height = gr.Slider(*profile.side_range, value=profile.height, step=16, label=I18N("height"))
+                        width = gr.Slider(
+                            *profile.side_range, value=profile.width, step=16, label=I18N("width"), elem_id="width"
+                        )
+                        height = gr.Slider(
+                            *profile.side_range, value=profile.height, step=16, label=I18N("height"), elem_id="height"
+                        )
                     with gr.Row():
                         steps = gr.Slider(
                             1,
@@ -77,6 +81,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             value=profile.num_inference_steps,
                             step=1,
                             label=I18N("steps"),
+                            elem_id="steps",
                             info=I18N("steps_info"),
                         )
                         cfg = gr.Slider(0, 20, value=profile.cfg_scale, step=0.1, label=I18N("cfg"))
