@@ -40,8 +40,15 @@ def test_generate_poll_and_fetch_image(server_generator, tmp_path):
         saved = tmp_path / job["outputs"][1]
         assert saved.read_bytes() == image.content
         assert read_metadata(saved)["params"]["seed"] == 10
-        assert "zstudio_jobs_total" in client.get("/metrics").text
         assert "/api/v1/generations" in client.get("/openapi.json").json()["paths"]
+        metrics = client.get("/metrics").text
+        assert 'zstudio_jobs_total{status="done"} 1.0' in metrics
+        # one job of two images: one wait observed, one seconds-per-image value (the job's seconds / 2)
+        assert "zstudio_queue_wait_seconds_count 1.0" in metrics
+        assert "zstudio_seconds_per_image_count 1.0" in metrics
+        expected = job["seconds"] / 2
+        assert any(line.startswith("zstudio_seconds_per_image_sum ") and
+                   abs(float(line.split()[1]) - expected) < 1e-3 for line in metrics.splitlines())  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
     finished_at: float | None = None
+    accepted_at: float = field(default_factory=time.monotonic)
     version: int = 0  # bumped on every change, so waiters know when to look again
     listeners: set[Callable[[], None]] = field(default_factory=set, repr=False, compare=False)
 
@@ -120,7 +121,8 @@ class JobQueue:
         self.waiting: collections.deque[str] = collections.deque()
         self.running: str | None = None
         self.counts: collections.Counter[str] = collections.Counter()
-        self.image_seconds: collections.deque[float] = collections.deque(maxlen=200)
+        # Called with ("queue_wait" | "image", seconds) as jobs start and finish (the /metrics histograms).
+        self.observers: list[Callable[[str, float], None]] = []
         self.restarts = 0
         self.problems: dict[str, str] = {}  # "storage" / "engine" -> why jobs cannot run now
         self._unrecorded: dict[str, dict[str, Any]] = {}  # history updates that failed, retried once writes work
@@ -300,6 +302,7 @@ class JobQueue:
     def _run(self, job: Job) -> None:
         """Generate one job and hand it to the writer; any failure ends this job only."""
         try:
+            self._observe("queue_wait", time.monotonic() - job.accepted_at)
             if not self._record(job.id, status="running", started=time.time()):
                 raise Unavailable(f"the job could not be recorded: {self.problems.get('storage')}")
 
@@ -348,8 +351,12 @@ class JobQueue:
                 self._finish(job, "failed", error=f"its images could not be saved: {reason}")
                 continue
             seconds = result.timings["total"]
-            self.image_seconds.append(seconds / len(paths))
+            self._observe("image", seconds / len(paths))
             self._finish(job, "done", outputs=[Path(p).name for p in paths], seeds=result.seeds, seconds=seconds)
+
+    def _observe(self, what: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer(what, seconds)
 
     # -------------------------------------------------------------------------------------------- watchdog
     def _watch(self) -> None:

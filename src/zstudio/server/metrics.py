@@ -1,10 +1,9 @@
-"""/metrics in Prometheus' text format, read from the job queue at scrape time (prometheus-client's collector API)."""
+"""/metrics in Prometheus' text format: the queue's state read at scrape time (prometheus-client's collector API),
+and histograms of seconds per image and of the wait in the queue, observed as jobs start and finish."""
 
 from __future__ import annotations
 
-import statistics
-
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .jobs import JobQueue
@@ -27,9 +26,6 @@ class QueueCollector:
                                 value=int(queue.unavailable() is None))  # fmt: skip
         yield CounterMetricFamily("zstudio_worker_restarts", "Worker or writer threads restarted by the watchdog.",
                                   value=queue.restarts)  # fmt: skip
-        if queue.image_seconds:
-            yield GaugeMetricFamily("zstudio_seconds_per_image", "Median seconds per image over the last 200 jobs.",
-                                    value=statistics.median(queue.image_seconds))  # fmt: skip
         device = queue.generator.device
         if device.type == "cuda":
             import torch
@@ -40,9 +36,20 @@ class QueueCollector:
                                     value=torch.cuda.memory_reserved(device))  # fmt: skip
 
 
+IMAGE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300)
+WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
+
+
 def metrics_registry(queue: JobQueue) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(QueueCollector(queue))
+    histograms = {
+        "image": Histogram("zstudio_seconds_per_image", "Engine seconds per image of finished jobs.",
+                           buckets=IMAGE_BUCKETS, registry=registry),
+        "queue_wait": Histogram("zstudio_queue_wait_seconds", "Seconds from acceptance to start, per job.",
+                                buckets=WAIT_BUCKETS, registry=registry),
+    }  # fmt: skip
+    queue.observers.append(lambda what, seconds: histograms[what].observe(seconds))
     return registry
 
 
