@@ -156,7 +156,7 @@ def test_sdk_client_without_the_token_cannot_connect(mcp_generator, tmp_path):
 
 def test_an_abandoned_call_cancels_its_job(mcp_generator, tmp_path):
     runner = Running(create_app(mcp_generator, tmp_path / "outputs", ui=False, state=tmp_path / "state"))
-    long_job = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 100}
+    long_job = {"prompt": "x", "width": 768, "height": 768, "num_inference_steps": 100}  # many seconds on a CPU
 
     async def impatient_agent(url: str) -> None:
         async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:

@@ -242,7 +242,9 @@ def test_openai_request_whose_client_leaves_cancels_its_job(gen, tmp_path):
 def test_stopping_the_server_fails_the_running_job_with_the_reason(gen, tmp_path):
     runner = serve(gen, tmp_path)
     with runner as client:
-        job = client.post("/api/v1/generations", json={**QUICK, "num_inference_steps": 100}).json()
+        job = client.post(
+            "/api/v1/generations", json={**QUICK, "width": 768, "height": 768, "num_inference_steps": 100}
+        ).json()
         wait_for(lambda: client.get(f"/api/v1/generations/{job['id']}").json()["status"] == "running")
     record = History(tmp_path / "state" / "history.sqlite3").get(job["id"])
     assert record["status"] == "failed" and "server was stopped" in record["error"]
@@ -326,7 +328,9 @@ def test_old_database_in_outputs_is_moved_to_the_state_folder(gen, tmp_path):
 def test_idle_event_listeners_do_not_delay_others(gen, tmp_path):
     """The issue: 12 idle SSE listeners held asyncio's 6-thread pool and delayed another's final event by 5.3 s."""
     with serve(gen, tmp_path) as client:
-        idle = client.post("/api/v1/generations", json={**QUICK, "num_inference_steps": 100}).json()
+        idle = client.post(
+            "/api/v1/generations", json={**QUICK, "width": 768, "height": 768, "num_inference_steps": 100}
+        ).json()
         listeners = []
         for _ in range(12):
             stream = httpx.Client(base_url=str(client.base_url), timeout=60)

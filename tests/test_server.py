@@ -90,7 +90,7 @@ def test_events_stream_progress_until_done(server_generator, tmp_path):
 
 def test_cancel_running_and_waiting_jobs_and_bounded_queue(server_generator, tmp_path):
     with Running(create_app(server_generator, tmp_path, ui=False, max_waiting=1)) as client:
-        long_job = {"prompt": "x", **SMALL, "num_inference_steps": 100}
+        long_job = {"prompt": "x", "width": 768, "height": 768, "num_inference_steps": 100}  # seconds on a CPU
         running = client.post("/api/v1/generations", json=long_job).json()["id"]
         while client.get(f"/api/v1/generations/{running}").json()["status"] != "running":
             time.sleep(0.01)
