@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
-from .api import DISCONNECT_POLL_S, RETRY_AFTER_S, SafeJSONResponse, Studio, error_response, unavailable_response
-from .jobs import Job, JobQueue, QueueFull, Unavailable
+from .api import DISCONNECT_POLL_S, SafeJSONResponse, Studio, error_response, submit_or_refuse, unavailable_response
+from .jobs import Job, JobQueue
 from .protocol import PROMPT, SIDE, ErrorBody, InvalidRequest, answers, documented
 
 SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
@@ -300,14 +300,9 @@ def build_a1111_router(studio: Studio) -> APIRouter:
         """Make batch_size x n_iter images and answer with them, synchronously as the WebUI does. A client that goes
         away cancels its job; POST /sdapi/v1/interrupt stops it (then `images` is empty and info says interrupted)."""
         ignored = ignored_fields(body, current_options(studio))
-        try:
-            job = await run_in_threadpool(queue.submit, generation_params(body))
-        except ParamError as err:
-            return error_response(422, str(err), err.field)
-        except QueueFull as err:
-            return error_response(429, str(err), **{"Retry-After": str(RETRY_AFTER_S)})
-        except Unavailable as err:
-            return unavailable_response(str(err))
+        job = await run_in_threadpool(submit_or_refuse, queue, lambda: generation_params(body))
+        if not isinstance(job, Job):
+            return job
         if not await wait_finished(request, queue, job):
             return Response(status_code=499)  # nobody reads it: the client has gone
         if job.status == "failed":

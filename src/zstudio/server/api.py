@@ -12,6 +12,7 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,19 @@ def unavailable_response(reason: str) -> SafeJSONResponse:
     return error_response(503, reason, **{"Retry-After": str(RETRY_AFTER_S)})
 
 
+def submit_or_refuse(queue: JobQueue, make_params: Callable[[], GenerationParams]) -> Job | SafeJSONResponse:
+    """The accepted job, or the answer that refuses it: 422 naming the field, 429 when the line is full, 503 when
+    jobs cannot run now (each with the reason)."""
+    try:
+        return queue.submit(make_params())
+    except ParamError as err:
+        return error_response(422, str(err), err.field)
+    except QueueFull as err:
+        return error_response(429, str(err), **{"Retry-After": str(RETRY_AFTER_S)})
+    except Unavailable as err:
+        return unavailable_response(str(err))
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """One-line errors for everything the framework raises, and 503 (not 500) when the disk or database fails."""
 
@@ -170,14 +184,9 @@ def build_router(studio: Studio) -> APIRouter:
     def create_generation(body: GenerationRequest):
         """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
         jobs cannot run now, each with the reason)."""
-        try:
-            job = queue.submit(GenerationParams.from_dict(body.model_dump(exclude_unset=True)))
-        except ParamError as err:
-            return error_response(422, str(err), err.field)
-        except QueueFull as err:
-            return error_response(429, str(err), **{"Retry-After": str(RETRY_AFTER_S)})
-        except Unavailable as err:
-            return unavailable_response(str(err))
+        job = submit_or_refuse(queue, lambda: GenerationParams.from_dict(body.model_dump(exclude_unset=True)))
+        if not isinstance(job, Job):
+            return job
         return SafeJSONResponse(
             status_code=202, content={"id": job.id, "status": job.status, "position": queue.position(job.id)}
         )
