@@ -233,7 +233,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-sizes", default="1024x1024,512x512", help="sizes measured at batch 4")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--cold-start", default="", help="also time two fresh processes in these modes (comma list)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("zstudio bench needs a CUDA GPU")
@@ -288,32 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {mode} failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2, default=str))
-    for mode in [m for m in args.cold_start.split(",") if m]:
-        report.setdefault("cold_start", {})[mode] = cold_starts(mode)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
     return report
-
-
-def cold_starts(mode: str) -> list[dict[str, Any]]:
-    """Two fresh processes sharing one new compiler cache: first start, then second start."""
-    import os
-    import tempfile
-
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="zstudio-inductor-")}
-    runs = []
-    for attempt in ("first", "second"):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "zstudio.bench.coldstart", mode], capture_output=True,
-                              text=True, env=env)  # fmt: skip
-        wall = time.perf_counter() - start
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        entry = json.loads(lines[-1]) if lines else {"error": proc.stderr[-1500:]}
-        entry.update({"start": attempt, "wall_s": wall})
-        runs.append(entry)
-        print(f"  cold start {mode} ({attempt}): {json.dumps(entry)[:400]}", flush=True)
-    return runs
 
 
 def print_table(report: dict[str, Any]) -> None:
