@@ -169,3 +169,5 @@ def test_server_and_ui_follow_the_loaded_model(demo, tmp_path):
     assert sliders["width"].value == demo.profile.width and sliders["steps"].value == demo.profile.num_inference_steps
     buttons = {b.value for b in ui.blocks.values() if isinstance(b, gr.Button)}
     assert {f"{w}x{h}" for w, h in demo.profile.sizes} <= buttons and "1024x1024" not in buttons
+    headings = [b.value for b in ui.blocks.values() if isinstance(b, gr.Markdown) and str(b.value).startswith("# ")]
+    assert headings == ["# zstudio — zstudio demo model (draws simple shapes)"]  # not Z-Image-Turbo's name

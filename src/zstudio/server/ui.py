@@ -50,7 +50,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     aspects = {name: size for name, size in ASPECT_RATIOS.items() if max(size) <= profile.max_side}
 
     with gr.Blocks(title="zstudio") as demo:
-        gr.Markdown("# zstudio — Z-Image-Turbo")
+        gr.Markdown(f"# zstudio — {queue.generator.resolve_source().label}")  # the model that runs
         status_md = gr.Markdown(elem_id="zstudio-status")  # filled on load, in the browser's language
         job_id = gr.State(None)
         last_seed = gr.State(None)
