@@ -142,7 +142,7 @@ class Generator:
         self._match_speed_to_memory()
 
     def _match_speed_to_memory(self) -> None:
-        if self.memory in ("8bit", *STREAMED) and self.speed in ("fast", "fastest"):
+        if self.memory in ("8bit", *STREAMED) and self.compiled:
             log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
                         self.speed, self.memory)  # fmt: skip
             self.speed = "exact"

@@ -34,7 +34,8 @@ ALL_MODES = ("diffusers", "diffusers-compile", "eager", "exact", "fast", "fastes
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # bench.user's CPU smoke test runs without one
+        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

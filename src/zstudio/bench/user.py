@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ START = time.perf_counter()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from .run import gpu_info, psnr, stats, sync  # noqa: E402
 
 STEPS = 8
 SIZE = (1024, 1024)
@@ -53,20 +54,6 @@ class Prompts:
     def __call__(self) -> str:
         self.count += 1
         return f"{BASE_PROMPT}, {self.tag} variation {self.count}"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def stats(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def ensure_checkpoint(folder: Path) -> dict[str, Any]:
@@ -235,8 +222,6 @@ def queue_throughput(generator, jobs: int, prompts: Prompts, engine_total: float
 
 
 def calls_command(args: argparse.Namespace) -> dict[str, Any]:
-    from .run import gpu_info
-
     out = Path(tempfile.mkdtemp(prefix="zstudio-user-bench-"))
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), **gpu_info(),
                               "size": f"{SIZE[0]}x{SIZE[1]}", "transformer_evaluations": STEPS,

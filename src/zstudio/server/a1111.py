@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
-from .api import DISCONNECT_POLL_S, SafeJSONResponse, Studio, error_response, submit_or_refuse, unavailable_response
+from .api import SafeJSONResponse, Studio, error_response, submit_or_refuse, unavailable_response, wait_finished
 from .jobs import Job, JobQueue
 from .protocol import PROMPT, SIDE, ErrorBody, InvalidRequest, answers, documented
 
@@ -221,17 +221,6 @@ def model_title(studio: Studio) -> str:
 
 def current_options(studio: Studio) -> dict[str, Any]:
     return Options(sd_model_checkpoint=model_title(studio)).model_dump()
-
-
-async def wait_finished(request: Request, queue: JobQueue, job: Job) -> bool:
-    """Wait for the job to end; False (and the job cancelled) if the client goes away first."""
-    while not job.finished:
-        seen = job.version
-        await queue.wait_async(job, seen, DISCONNECT_POLL_S)
-        if not job.finished and await request.is_disconnected():
-            queue.cancel(job.id)
-            return False
-    return True
 
 
 def info_text(job: Job, body: Txt2ImgRequest, model: str, infotexts: list[str], ignored: list[str]) -> str:

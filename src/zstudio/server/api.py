@@ -112,6 +112,17 @@ def submit_or_refuse(queue: JobQueue, make_params: Callable[[], GenerationParams
         return unavailable_response(str(err))
 
 
+async def wait_finished(request: Request, queue: JobQueue, job: Job) -> bool:
+    """Wait for the job to end; False (and the job cancelled) if the client goes away first."""
+    while not job.finished:
+        seen = job.version
+        await queue.wait_async(job, seen, DISCONNECT_POLL_S)
+        if not job.finished and await request.is_disconnected():
+            queue.cancel(job.id)
+            return False
+    return True
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """One-line errors for everything the framework raises, and 503 (not 500) when the disk or database fails."""
 
@@ -301,14 +312,8 @@ def build_router(studio: Studio) -> APIRouter:
             return openai_error(429, str(err), "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
         except Unavailable as err:
             return openai_error(503, str(err), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
-        while True:
-            seen = job.version
-            if job.finished:
-                break
-            await queue.wait_async(job, seen, DISCONNECT_POLL_S)
-            if not job.finished and await request.is_disconnected():
-                queue.cancel(job.id)
-                return Response(status_code=499)  # nobody reads it: the client has gone
+        if not await wait_finished(request, queue, job):
+            return Response(status_code=499)  # nobody reads it: the client has gone
         if job.status != "done":
             code = 503 if queue.unavailable() else 500 if job.status == "failed" else 409
             return openai_error(code, job.error or f"the job was {job.status}", "server_error")

@@ -200,10 +200,10 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------- requests
     def submit(self, params: GenerationParams) -> Job:
         """Accept a job (recorded before this returns) or raise ParamError, QueueFull or Unavailable."""
-        profile = self.generator.profile
-        total = params.num_inference_steps or profile.num_inference_steps
         # A size the model cannot draw, or too much work, is refused now rather than failed after queueing.
-        profile.resolve(params).check_cost(self.max_megapixel_steps)
+        resolved = self.generator.profile.resolve(params)
+        resolved.check_cost(self.max_megapixel_steps)
+        total = resolved.num_inference_steps
         reason = self.unavailable()
         if reason:
             raise Unavailable(reason)
