@@ -152,3 +152,16 @@ def test_auto_memory_is_chosen_again_for_the_model_that_loads(monkeypatch):
     assert choose_memory("auto", generator.device, 2 * 2**30)[0] == "lowest"
     generator._choose_memory_for(demo_source())
     assert generator.memory == "resident"
+
+
+def test_a_switch_that_runs_out_of_memory_too_gives_a_clear_error(tiny_dir, monkeypatch):
+    generator = Generator(model=str(tiny_dir), device="cpu").load()
+
+    def switch(mode):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, while switching)")
+
+    monkeypatch.setattr(generator, "switch_memory", switch)
+    with pytest.raises(OutOfMemory, match="again while moving to memory mode offload-text; restart with --memory"):
+        generator.generate_images(PARAMS, progress=oom_at_step(2))
+    monkeypatch.undo()
+    assert pixels(generator.generate_images(PARAMS)).std() > 5  # still serving in the mode it had

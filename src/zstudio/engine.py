@@ -297,7 +297,16 @@ class Generator:
             if self.memory_requested != "auto":
                 raise OutOfMemory(f"out of GPU memory at {where}; memory mode {lower} needs less: use --memory {lower}")
             log.warning("out of GPU memory at %s; retrying once in memory mode %s", where, lower)
-            self.switch_memory(lower)
+            try:
+                self.switch_memory(lower)
+            except torch.cuda.OutOfMemoryError:
+                failed = True  # freed after the except block, where the traceback no longer pins tensors
+            else:
+                failed = False
+            if failed:
+                free_after_failure(self.device)
+                raise OutOfMemory(f"out of GPU memory at {where}, and again while moving to memory mode {lower}; "
+                                  f"restart with --memory {lower} or lower")  # fmt: skip
             if (result := self._attempt(params, progress)) is not None:
                 return result
             raise OutOfMemory(f"out of GPU memory at {where} and again in memory mode {self.memory}; "
@@ -331,6 +340,11 @@ class Generator:
                 free_after_failure(self.device)
                 self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
                 apply_speed(self.pipe, self.speed, graphs="off")
+            if mode in EIGHT_BIT and not getattr(self.pipe.transformer, "_zstudio_8bit", None):
+                # Quantize from host memory one layer at a time: quantizing in place on the GPU needs room for
+                # the 8-bit copy of a layer beside all the bf16 weights, which a card that just ran out lacks.
+                self.pipe.transformer.to("cpu")
+                free_after_failure(self.device)
             apply_memory(self.pipe, mode, self.device)
             if self.token_encoder is not None and self.token_encoder.graphs:
                 from .speed.text_encoder import TokenEncoder

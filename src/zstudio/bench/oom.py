@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("the out-of-memory benchmark needs a CUDA GPU")
     width, height = (int(v) for v in args.size.split("x"))
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": "python -m zstudio.bench.oom " +
-                              " ".join(argv or []), **gpu_info(), "start": args.start, "cap_gib": args.cap,
+                              " ".join(sys.argv[1:] if argv is None else argv), **gpu_info(), "start": args.start, "cap_gib": args.cap,
                               "size": args.size, "expected_next": NEXT_MODE[args.start]}  # fmt: skip
     pipe = build_full_pipeline(torch.device("cuda"))
     source = ModelSource(spec="random-full-size", path=Path("."), profile=TURBO)
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
     try:
         seconds, _ = generate(generator, width, height)
-        report.update(recovered=True, recover_call_s=seconds, mode_after=generator.memory)
+        # In auto mode only an out-of-memory error changes the mode: unchanged means the cap never bit.
+        hit = generator.memory != args.start
+        report.update(out_of_memory=hit, recovered=hit, recover_call_s=seconds, mode_after=generator.memory)
         report["second_call_s"], _ = timed(lambda: generate(generator, width, height))
     except Exception as err:  # the report says how it failed
-        report.update(recovered=False, mode_after=generator.memory, error=f"{type(err).__name__}: {err}"[:2000])
+        report.update(out_of_memory=True, recovered=False, mode_after=generator.memory, error=f"{type(err).__name__}: {err}"[:2000])
     report["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     print(json.dumps(report, indent=2, default=str), flush=True)
     if args.json:
