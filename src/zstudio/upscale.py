@@ -183,16 +183,10 @@ def load_upscaler(path_or_name: str | os.PathLike | None, device: torch.device |
     The model runs on `device` in `dtype` where its architecture supports that dtype (spandrel says which), else in
     the nearest one it does (float32 at worst)."""
     device = torch.device(device)
-    if path_or_name is None or str(path_or_name).strip().lower() == LANCZOS:
+    resolved = resolve_upscaler(path_or_name, search)
+    if resolved == LANCZOS:
         return Upscaler(name=LANCZOS, architecture="Lanczos", scale=None)
-    path = Path(path_or_name).expanduser()
-    if not path.is_file():
-        found = find_upscalers(search)
-        if str(path_or_name) not in found:
-            names = ", ".join([LANCZOS, *found])
-            raise ParamError("model", f"{path_or_name!r} is neither a file nor an upscaler name; known names: {names} "
-                                      "(add files or folders with --upscaler or ZSTUDIO_UPSCALERS)")  # fmt: skip
-        path = found[str(path_or_name)]
+    path = Path(resolved)
     descriptor = read_model(path)
     model_dtype = _supported_dtype(descriptor, dtype, device)
     descriptor.to(device).to(model_dtype).eval()
@@ -210,6 +204,21 @@ def load_upscaler(path_or_name: str | os.PathLike | None, device: torch.device |
         dtype=model_dtype,
         tiling=tiling,
     )
+
+
+def resolve_upscaler(path_or_name: str | os.PathLike | None, search: Iterable[str | os.PathLike] = ()) -> str:
+    """ "lanczos" (also for None), or the model file's absolute path: a file given as such, or a name in `search`."""
+    if path_or_name is None or str(path_or_name).strip().lower() == LANCZOS:
+        return LANCZOS
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        return str(path.resolve())
+    found = find_upscalers(search)
+    if str(path_or_name) not in found:
+        names = ", ".join([LANCZOS, *found])
+        raise ParamError("model", f"{str(path_or_name)!r} is neither a file nor an upscaler name; known names: "
+                                  f"{names} (add files or folders with --upscaler or ZSTUDIO_UPSCALERS)")  # fmt: skip
+    return str(found[str(path_or_name)].resolve())
 
 
 def read_model(path: Path):
@@ -318,8 +327,8 @@ def check_scale(scale: Any) -> float:
 
 
 def check_tile(tile: Any) -> int:
-    if isinstance(tile, bool) or not isinstance(tile, int) or not (tile == 0 or 32 <= tile <= 4096):
-        raise ParamError("tile", f"{tile!r} is not 0 (no tiling) or a whole number of pixels in 32-4096")
+    if isinstance(tile, bool) or not isinstance(tile, int) or not (tile == 0 or 16 <= tile <= 4096):
+        raise ParamError("tile", f"{tile!r} is not 0 (no tiling) or a whole number of pixels in 16-4096")
     return tile
 
 
@@ -331,10 +340,9 @@ def check_refine(refine: Any) -> float | None:
     return float(refine)
 
 
-def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = UpscaleLimits(),
-                native_scale: int | None = None) -> SourceImage:  # fmt: skip
+def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = UpscaleLimits()) -> SourceImage:
     """Read and check an input before any model work: a file, of a supported format, not a decompression bomb, whose
-    result (and the model's own output, where its scale is larger) stays within `limits`."""
+    result stays within `limits`."""
     path = Path(path)
     if not path.is_file():
         raise ParamError("image", f"{path} is not a file")
@@ -355,7 +363,7 @@ def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = U
     if width * height > limits.max_input_pixels:
         raise ParamError("image", f"{path} is {width}x{height} ({width * height / 1e6:.1f} MP); at most "
                                   f"{limits.max_input_pixels / 1e6:.1f} MP are upscaled")  # fmt: skip
-    check_output_size(width, height, max(scale, native_scale or 0), limits)
+    check_output_size(width, height, scale, limits)
     try:
         image.load()
     except (OSError, ValueError) as err:
@@ -474,8 +482,7 @@ def hires_fix(generator: Generator, source: SourceImage, upscaler: Upscaler, sca
     with the draft's own prompt, seed and steps: a larger picture that keeps the draft's composition."""
     start = time.perf_counter()
     size = refine_size(source.image.width, source.image.height, scale)
-    if not img2img_available():
-        refine_request(source, Path(os.devnull), size, refine)  # raises the one-line reason
+    refine_request(source, Path(os.devnull), size, refine)  # a missing recipe or image-to-image: refused first
     upscaled = upscaler.upscale(source.image, scale, tile).resize(size, Image.Resampling.LANCZOS)
     with tempfile.TemporaryDirectory(prefix="zstudio-hires-") as folder:
         draft_file = Path(folder) / "upscaled.png"
@@ -487,3 +494,28 @@ def hires_fix(generator: Generator, source: SourceImage, upscaler: Upscaler, sca
     meta["params"] = {**meta["params"], "image": source.path.name}  # the temporary file is gone; name the draft
     return UpscaleResult(result.images[0], meta, seconds=seconds)
 
+
+# ------------------------------------------------------------------------------------------------- one engine call
+def run_upscale(generator: Generator, image: str | os.PathLike, scale: float = 2.0, model: str | None = None,
+                tile: int | None = None, refine: float | None = None, output_dir: str | os.PathLike | None = None,
+                search: Iterable[str | os.PathLike] = (), limits: UpscaleLimits = UpscaleLimits()
+                ) -> UpscaleResult:  # fmt: skip
+    """What `Generator.upscale` does: check everything about the request and the input first, then load the upscaler
+    (kept in the generator's cache by file), upscale (and re-render with `refine`), and save with the recipe."""
+    scale, refine = check_scale(scale), check_refine(refine)
+    tile = check_tile(DEFAULT_TILE if tile is None else tile)
+    key = resolve_upscaler(model, search)
+    source = open_source(image, scale, limits)
+    if refine is not None:
+        refine_request(source, Path(os.devnull), refine_size(*source.image.size, scale), refine)  # checks only
+    cache = generator.upscalers
+    if key not in cache:
+        cache[key] = load_upscaler(key, generator.device, generator.dtype)
+    upscaler = cache[key]
+    check_output_size(*source.image.size, max(scale, upscaler.scale or 0), limits)  # the model's own output too
+    if refine is None:
+        result = upscale_file(source, upscaler, scale, tile)
+    else:
+        result = hires_fix(generator, source, upscaler, scale, refine, tile)
+    save_result(result, output_dir if output_dir is not None else generator.outputs)
+    return result
