@@ -311,7 +311,7 @@ def show(file: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("image", required=False, type=click.Path(path_type=Path))
 @click.option("--scale", type=float, default=2.0, show_default=True, help="1.5, 2, 3 or 4. A model of another "
-              "scale runs at its own, then Lanczos resizes to this one (a 4x model asked for 2x: 4x, then down).")  # fmt: skip
+              "scale runs at its own, then Lanczos resizes (a 4x model asked for 2x: 4x, then down).")  # fmt: skip
 @click.option("--model", help="Upscaler: a .pth/.safetensors file spandrel identifies (ESRGAN, Real-ESRGAN, "
               "SwinIR, HAT, DAT, ...), a name from --list, or 'lanczos' [default: lanczos].")  # fmt: skip
 @click.option("--upscaler", "upscalers", multiple=True, type=click.Path(path_type=Path),
