@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import io
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -78,6 +80,7 @@ class Upscaler:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     tiling: str = "supported"
+    sha256: str | None = None  # of the model file, for the recipe
 
     @property
     def is_model(self) -> bool:
@@ -90,7 +93,7 @@ class Upscaler:
             "architecture": self.architecture,
             "native_scale": self.scale,
             "file": self.path.name if self.path else None,
-            "sha256": file_sha256(self.path) if self.path else None,
+            "sha256": self.sha256,
             "device": str(self.device) if self.is_model else None,
             "dtype": dtype_name(self.dtype) if self.is_model else None,
         }
@@ -114,14 +117,12 @@ class Upscaler:
 
     def _run(self, piece: torch.Tensor) -> torch.Tensor:
         """One tile through the model: uint8 (1, C, h, w) on the host in, uint8 (C, h*s, w*s) on the host out."""
-        x = piece.to(self.device).to(self.dtype).div_(255)
+        x = piece.to(self.device, torch.float32).div_(255).to(self.dtype)
         y = self.descriptor(x)
         return y[0].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).cpu()
 
 
-def _array(image: Image.Image):
-    import numpy as np
-
+def _array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).copy()
 
 
@@ -203,6 +204,7 @@ def load_upscaler(path_or_name: str | os.PathLike | None, device: torch.device |
         device=device,
         dtype=model_dtype,
         tiling=tiling,
+        sha256=file_sha256(path),
     )
 
 
@@ -352,7 +354,7 @@ def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = U
                                   "MiB are read")  # fmt: skip
     data = path.read_bytes()
     try:
-        image = Image.open(_bytes_io(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise ParamError("image", f"{path}: refused as a decompression bomb ({err})") from None
     except (OSError, ValueError):
@@ -369,7 +371,7 @@ def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = U
     except (OSError, ValueError) as err:
         raise ParamError("image", f"{path} is damaged: {err}") from None
     try:
-        metadata = read_metadata(_bytes_io(data))
+        metadata = read_metadata(io.BytesIO(data))
     except (ValueError, OSError):
         metadata = None
     return SourceImage(image.convert("RGB"), path, hashlib.sha256(data).hexdigest(), image.format, metadata)
@@ -381,12 +383,6 @@ def check_output_size(width: int, height: int, scale: float, limits: UpscaleLimi
         raise ParamError("scale", f"{width}x{height} at {scale:g}x would be {out_w}x{out_h} "
                                   f"({out_w * out_h / 1e6:.1f} MP); the limit is {limits.max_side} px a side and "
                                   f"{limits.max_pixels / 1e6:g} MP: use a smaller scale")  # fmt: skip
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def file_sha256(path: Path) -> str:
