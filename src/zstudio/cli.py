@@ -282,6 +282,10 @@ def show(file: Path, as_json: bool) -> None:
     from .outputs import read_metadata
 
     meta = _run(lambda: read_metadata(file))
+    if "upscale" in meta and not as_json:
+        _show_upscale(meta)
+        if "params" not in meta:
+            return
     if as_json or "params" not in meta:
         click.echo(json.dumps(meta, indent=2, ensure_ascii=False))
         return
@@ -301,6 +305,82 @@ def show(file: Path, as_json: bool) -> None:
         f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
         f"--seed {p['seed']}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- upscale
+@main.command()
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--scale", type=float, default=2.0, show_default=True, help="1.5, 2, 3 or 4. A model of another "
+              "scale runs at its own, then Lanczos resizes (a 4x model asked for 2x: 4x, then down).")  # fmt: skip
+@click.option("--model", help="Upscaler: a .pth/.safetensors file spandrel identifies (ESRGAN, Real-ESRGAN, "
+              "SwinIR, HAT, DAT, ...), a name from --list, or 'lanczos' [default: lanczos].")  # fmt: skip
+@click.option("--upscaler", "upscalers", multiple=True, type=click.Path(path_type=Path),
+              help="A model file or folder of them that --model names can come from; repeatable "
+              "[env ZSTUDIO_UPSCALERS, ':'-separated].")  # fmt: skip
+@click.option("--refine", type=float, help="Then re-render at the larger size by image-to-image at this strength "
+              "(0-1; 0.2-0.4 keeps the composition), with the draft's own prompt, seed and steps.")  # fmt: skip
+@click.option("--tile", type=int, help="Tile side in input pixels, 0 = one piece [512].")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Output folder [./outputs].")
+@click.option("--list", "list_only", is_flag=True, help="List the upscalers by name and exit.")
+@click.option("--refine-model", help="Z-Image model for --refine [default: the draft's own, else ZSTUDIO_MODEL].")
+@click.option("--device", help="auto, cuda, cuda:N, mps or cpu [env ZSTUDIO_DEVICE].")
+@click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def upscale(image, scale, model, upscalers, refine, tile, output_dir, list_only, refine_model, device, dtype,
+            as_json: bool) -> None:  # fmt: skip
+    """Upscale IMAGE (a draft from the outputs or any PNG/JPEG/WebP/BMP) and save a PNG with the recipe inside."""
+    from .engine import Generator
+    from .settings import load_settings
+    from .upscale import LANCZOS, find_upscalers
+
+    search = (*upscalers, *load_settings().upscalers)
+    if list_only:
+        found = _run(lambda: find_upscalers(search))
+        click.echo(f"{LANCZOS}\tbuilt-in fallback (a resize, not a super-resolution model)")
+        for name, path in found.items():
+            click.echo(f"{name}\t{path}")
+        return
+    if image is None:
+        raise CliError("IMAGE is required (or --list)", exit_code=2)
+
+    def action():
+        generator = Generator(model=refine_model or _draft_model(image, refine), device=device, dtype=dtype,
+                              outputs=output_dir)  # fmt: skip
+        return generator.upscale(image, scale=scale, model=model, tile=tile, refine=refine, search=tuple(upscalers))
+
+    result = _run(action)
+    up = result.metadata["upscale"]
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), "seconds": result.seconds, "metadata": result.metadata},
+                              ensure_ascii=False))  # fmt: skip
+        return
+    click.echo(f"{result.path}\t{up['width']}x{up['height']}\t{up['upscaler']['name']}")
+
+
+def _draft_model(image: Path, refine: float | None) -> str | None:
+    """The Z-Image model a draft was made with, for re-rendering it (None: the settings' model)."""
+    from .outputs import read_metadata
+
+    if refine is None:
+        return None
+    try:
+        return read_metadata(image)["model"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _show_upscale(meta: dict[str, Any]) -> None:
+    up, src = meta["upscale"], meta["source"]
+    model = up["upscaler"]
+    click.echo(f"upscaled         {src['width']}x{src['height']} -> {up['width']}x{up['height']} ({up['scale']:g}x)")
+    click.echo(f"upscaler         {model['name']} ({model['architecture']}, native scale {model['native_scale']})")
+    click.echo(f"tile             {up['tile']}")
+    click.echo(f"refine           {up['refine']}")
+    click.echo(f"source           {src['file']} sha256 {src['sha256']}")
+    if (src.get("metadata") or {}).get("params"):
+        p = src["metadata"]["params"]
+        click.echo(f"source recipe    {json.dumps(p['prompt'], ensure_ascii=False)} seed {p['seed']}, "
+                   f"{p['num_inference_steps']} steps, cfg {p['cfg_scale']}, {p['width']}x{p['height']}")  # fmt: skip
 
 
 @main.command()

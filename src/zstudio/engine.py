@@ -98,6 +98,7 @@ class Generator:
         self.load_seconds: float | None = None
         self._lock = threading.RLock()
         self._prompt_cache: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
+        self.upscalers: dict[str, Any] = {}  # zstudio.upscale.Upscaler by file path, loaded on first use
 
     # ----------------------------------------------------------------------------------------- loading
     def resolve_source(self, download: bool = True) -> models.ModelSource:
@@ -395,6 +396,16 @@ class Generator:
         else:
             blobs = [encode_image(image, meta, fmt) for image, meta in pairs]
         return [write_file(blob, directory, EXTENSIONS[fmt]) for blob in blobs]
+
+    def upscale(self, image: str | Path, scale: float = 2.0, model: str | None = None, tile: int | None = None,
+                refine: float | None = None, output_dir: str | Path | None = None, search: tuple = ()
+                ) -> Any:  # fmt: skip
+        """Upscale an image file (a spandrel model by path or name, or Lanczos) and save it with its recipe; with
+        `refine`, re-render it at the larger size by image-to-image. Returns a zstudio.upscale.UpscaleResult."""
+        from .upscale import run_upscale
+
+        with self._lock:  # one model on the device at a time; image-to-image takes the same (re-entrant) lock
+            return run_upscale(self, image, scale, model, tile, refine, output_dir, (*search, *self.settings.upscalers))
 
     # ------------------------------------------------------------------------------ generation steps
     @staticmethod

@@ -44,7 +44,8 @@ def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:
     buffer = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
-        info.add_itxt(A1111_KEY, a1111_text(meta))
+        if "params" in meta:  # a plain upscale has no generation parameters for other tools to read
+            info.add_itxt(A1111_KEY, a1111_text(meta))
         info.add_itxt(JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
         image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     else:
