@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -271,6 +271,9 @@ def import_spandrel():
     raise, and the stand-in is removed again. tests/test_upscale.py fails if spandrel starts importing more of it."""
     if "spandrel" in sys.modules:
         return sys.modules["spandrel"]
+    if importlib.util.find_spec("spandrel") is None:
+        raise ParamError("model", "upscaler models need spandrel: pip install 'zstudio[upscale]' "
+                                  "(the built-in Lanczos upscaler works without it)")  # fmt: skip
     if _torchvision_loads():
         return importlib.import_module("spandrel")
     log.info("torchvision does not load beside this torch build; spandrel's LaMa and RestoreFormer stay unusable")

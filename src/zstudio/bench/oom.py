@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise SystemExit("the out-of-memory benchmark needs a CUDA GPU")
     width, height = (int(v) for v in args.size.split("x"))
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": "python -m zstudio.bench.oom " +
-                              " ".join(sys.argv[1:] if argv is None else argv), **gpu_info(), "start": args.start, "cap_gib": args.cap,
-                              "size": args.size, "expected_next": NEXT_MODE[args.start]}  # fmt: skip
+    command = "python -m zstudio.bench.oom " + " ".join(sys.argv[1:] if argv is None else argv)
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": command, **gpu_info(),
+                              "start": args.start, "cap_gib": args.cap, "size": args.size,
+                              "expected_next": NEXT_MODE[args.start]}  # fmt: skip
     pipe = build_full_pipeline(torch.device("cuda"))
     source = ModelSource(spec="random-full-size", path=Path("."), profile=TURBO)
     generator = Generator.from_pipeline(pipe, source, speed="exact", memory="auto")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report.update(out_of_memory=hit, recovered=hit, recover_call_s=seconds, mode_after=generator.memory)
         report["second_call_s"], _ = timed(lambda: generate(generator, width, height))
     except Exception as err:  # the report says how it failed
-        report.update(out_of_memory=True, recovered=False, mode_after=generator.memory, error=f"{type(err).__name__}: {err}"[:2000])
+        error = f"{type(err).__name__}: {err}"[:2000]
+        report.update(out_of_memory=True, recovered=False, mode_after=generator.memory, error=error)
     report["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     print(json.dumps(report, indent=2, default=str), flush=True)
     if args.json:
