@@ -391,9 +391,9 @@ class Generator:
             "total": round(end - start, 4),
         }
         metadata = [self.image_metadata(params, seeds, i, cond, timings) for i in range(len(images))]
-        for meta in metadata:
-            meta["transformer_evaluations"] = len(timesteps)
-            if source is not None:
+        if source is not None:
+            for meta in metadata:
+                meta["transformer_evaluations"] = len(timesteps)  # a strength below 1 skips the first steps
                 meta["edit"] = source.recipe
         return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
 
