@@ -209,11 +209,12 @@ def test_progress_counts_the_steps_an_edit_runs_and_cancel_stops_it(generator, t
 
 
 # ------------------------------------------------------------------------------------------ the CLI and show
-def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path):
+def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path, monkeypatch):
     source = noise_image(tmp_path / "source.png", 80, 64)
     mask = box_mask(tmp_path / "mask.png", 80, 64, (10, 10, 40, 40))
     out = tmp_path / "out"
-    args = ["edit", source, "a red circle", "--mask", mask, "--outpaint", "right=16", "--strength", "0.75",
+    monkeypatch.chdir(tmp_path)
+    args = ["edit", "source.png", "a red circle", "--mask", "mask.png", "--outpaint", "right=16", "--strength", "0.75",
             "--mask-blur", "2", "--steps", "4", "--seed", "9", "--model", str(tiny_dir), "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -229,6 +230,9 @@ def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path):
     assert meta["transformer_evaluations"] == 3  # int(4 - 4 x 0.75) = 1 step skipped
     assert "Denoising strength: 0.75" in Image.open(path).text["parameters"]
 
+    assert meta["params"]["image"] == source  # recorded in full: the remake works from any folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     shown = CliRunner().invoke(main, ["show", str(path)])
     assert shown.exit_code == 0, shown.output
     assert recipe["source"]["sha256"] in shown.output and "outpaint         right=16" in shown.output
@@ -392,3 +396,14 @@ def test_demo_outpainting_keeps_the_original_region(demo, red_circle):
         kept = np.abs(pixels(image)[:, : side - 12] - pixels(Image.open(red_circle))[:, : side - 12])
         assert kept.mean() <= 2
         assert judge(image.crop((side, 0, 2 * side, side))).background == "blue"  # the new area continues it
+
+
+def test_strength_cuts_the_schedule_as_diffusers_get_timesteps_does(generator):
+    """The engine's copy of diffusers' rounding (float products, int truncation) fails here the day diffusers'
+    changes."""
+    pipe = ZImageImg2ImgPipeline(**generator.pipe.components)
+    for steps in (1, 4, 8, 9, 20, 50):
+        pipe.scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=0.5)
+        for strength in (0.0, 0.1, 0.3, 0.6, 0.7, 0.75, 0.8, 0.95, 1.0):
+            _, runs = pipe.get_timesteps(steps, strength, "cpu")
+            assert steps - edit.start_step(steps, strength) == runs, (steps, strength)

@@ -145,7 +145,8 @@ def validate(
     strength = params.strength
     if strength is None:
         strength = INPAINT_STRENGTH if mask is not None else IMAGE_TO_IMAGE_STRENGTH
-    params = params.replace(width=width, height=height, strength=float(strength))
+    files = {name: str(Path(getattr(params, name)).resolve()) for name in ("image", "mask") if getattr(params, name)}
+    params = params.replace(width=width, height=height, strength=float(strength), **files)  # remade from any folder
     if profile is not None:
         params = profile.resolve(params)
     if params.num_inference_steps is not None and transformer_evaluations(params) < 1:
