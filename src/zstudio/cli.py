@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .params import ASPECT_RATIOS, PRESETS, ParamError, resolve_size
+from .params import ASPECT_RATIOS, DEFAULT_MASK_BLUR, PRESETS, ParamError, resolve_size
 
 SIZE_NAMES = ", ".join([*PRESETS, *ASPECT_RATIOS])
 
@@ -108,6 +108,7 @@ def generate(
     speed,
     memory,
     as_json: bool,
+    **edit_fields,
 ) -> None:
     """Generate images from PROMPT and save them with their parameters embedded."""
     from .engine import Generator
@@ -126,6 +127,7 @@ def generate(
             num_images=num_images,
             max_sequence_length=max_tokens,
             output_format=output_format,
+            **edit_fields,  # from `zstudio edit`
         )
         generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed, memory=memory)
         generator.resolve_source()
@@ -168,6 +170,32 @@ def generate(
     for path, image_seed in zip(paths, result.seeds):
         click.echo(f"{path}\tseed={image_seed}")
     click.echo(f"{len(paths)} image(s) in {result.timings['total']:.2f} s", err=True)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), help="Mask PNG, white = repaint (same size "
+              "as IMAGE). Without it, IMAGE's transparent pixels are repainted; none: image-to-image.")  # fmt: skip
+@click.option("--strength", type=float, help="0-1, the share of the schedule re-run [0.6; 1.0 with a mask/outpaint].")
+@click.option(
+    "--outpaint", help="Extend the canvas and paint the new area: SIDE=PIXELS,... (left, right, top, bottom)."
+)
+@click.option("--mask-blur", type=int, default=DEFAULT_MASK_BLUR, show_default=True, help="Soft edge of the mask, px.")
+@click.pass_context
+def edit(ctx: click.Context, image: Path, prompt: str, mask, strength, outpaint, mask_blur, **options) -> None:
+    """Repaint IMAGE after PROMPT: image-to-image, inpainting (--mask) or outpainting (--outpaint).
+
+    Without --size/--width/--height the output keeps IMAGE's size, cropped (never stretched) to multiples of 16;
+    with them IMAGE is scaled to cover that size and centre-cropped. Takes generate's options as well."""
+    from .edit import parse_outpaint
+
+    sides = _run(lambda: parse_outpaint(outpaint))
+    ctx.invoke(generate, prompt=prompt, **options, image=str(image), mask=str(mask) if mask else None,
+               strength=strength, outpaint=sides, mask_blur=mask_blur)  # fmt: skip
+
+
+edit.params.extend(p for p in generate.params if p.name != "prompt")  # the generation options, defined once
 
 
 def _bar_updater(bar):
@@ -300,11 +328,30 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"device/dtype     {meta['device']} / {meta['dtype']}")
     click.echo(f"seconds          {meta['seconds']}")
     click.echo(f"software         {meta['software']}")
-    click.echo(
-        f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} "
-        f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
-        f"--seed {p['seed']}"
-    )
+    options = (f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
+               f"--seed {p['seed']}")  # fmt: skip
+    if not p.get("image"):
+        click.echo(f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} {options}")
+        return
+    recipe = meta.get("edit", {})
+    source, mask = recipe.get("source", {}), recipe.get("mask") or {}
+    click.echo(f"edit             {recipe.get('mode')}, {meta.get('transformer_evaluations')} transformer evaluations")
+    click.echo(f"image            {p['image']}")
+    click.echo(f"image sha256     {source.get('sha256')} ({source.get('width')}x{source.get('height')})")
+    if mask:
+        click.echo(
+            f"mask             {p['mask'] or mask.get('from')}"
+            + (f" sha256 {mask['sha256']}" if "sha256" in mask else "")
+        )
+        click.echo(f"mask_blur        {p['mask_blur']}")
+    click.echo(f"strength         {p['strength']}")
+    sides = ",".join(f"{side}={px}" for side, px in (p.get("outpaint") or {}).items())
+    if sides:
+        click.echo(f"outpaint         {sides}")
+    extra = (f" --mask {json.dumps(p['mask'])}" if p.get("mask") else "") + (f" --outpaint {sides}" if sides else "")
+    click.echo(f"remake           zstudio edit {json.dumps(p['image'], ensure_ascii=False)} "
+               f"{json.dumps(p['prompt'], ensure_ascii=False)} {options} --strength {p['strength']}{extra} "
+               f"--mask-blur {p['mask_blur']}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------- upscale

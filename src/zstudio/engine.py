@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__, models
+from . import __version__, edit, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import (
     EIGHT_BIT,
@@ -53,6 +53,16 @@ class PromptEmbedding:
     embeds: torch.Tensor  # (tokens, hidden) on the device, in the text encoder's dtype
     num_tokens: int
     truncated: bool
+
+
+@dataclass
+class ImageStart:
+    """Where an edit's denoising starts, and what its inpainting blend keeps (diffusers' Img2Img/Inpaint latents)."""
+
+    latents: torch.Tensor  # the source's latents noised to the first timestep
+    noise: torch.Tensor  # per image, from its own seed
+    image_latents: torch.Tensor  # the source's latents, one VAE sample per image
+    mask: torch.Tensor | None  # (1, 1, h, w) at the latents' size, 1 = repaint; None for image-to-image
 
 
 @dataclass
@@ -251,7 +261,11 @@ class Generator:
         output_dir: str | Path | None = None,
         **extra: Any,
     ) -> tuple[list[str], float, dict[str, Any]]:
-        """Generate and save; returns (output_paths, gen_time_seconds, metadata) as the earlier WebUI did."""
+        """Generate and save; returns (output_paths, gen_time_seconds, metadata) as the earlier WebUI did.
+
+        Edits take `image=` and `mask=` as paths or PIL images (stored as PNG files under the cache folder, so the
+        parameters stay JSON), `strength=`, `outpaint=` and `mask_blur=`: see `zstudio.edit`."""
+        extra = edit.store_inputs(extra, self.settings.cache_dir / "inputs")
         params = GenerationParams.from_dict(
             dict(
                 prompt=prompt,
@@ -286,10 +300,13 @@ class Generator:
         Out of GPU memory, the failed run's memory is freed; in auto memory mode the next lower mode is put in place
         and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
         """
+        source = edit.validate(params, self.profile)  # an edit's files, checked before the weights load
+        if source is not None:
+            params = source.params
         self.load()
         params = self.profile.resolve(params)  # the model's defaults; refuses sizes it cannot draw
         with self._lock:
-            if (result := self._attempt(params, progress)) is not None:
+            if (result := self._attempt(params, progress, source)) is not None:
                 return result
             lower = NEXT_MODE[self.memory]
             where = f"{params.width}x{params.height} in memory mode {self.memory}"
@@ -308,18 +325,19 @@ class Generator:
                 free_after_failure(self.device)
                 raise OutOfMemory(f"out of GPU memory at {where}, and again while moving to memory mode {lower}; "
                                   f"restart with --memory {lower} or lower")  # fmt: skip
-            if (result := self._attempt(params, progress)) is not None:
+            if (result := self._attempt(params, progress, source)) is not None:
                 return result
             raise OutOfMemory(f"out of GPU memory at {where} and again in memory mode {self.memory}; "
                               "try a smaller size")  # fmt: skip
 
-    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None) -> GenerationResult | None:
+    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None, source: edit.EditInput | None = None
+                 ) -> GenerationResult | None:  # fmt: skip
         """One generation; None after running out of GPU memory, with what it held given back.
 
         The freeing happens after the `except` block: until then the error's traceback keeps the failed run's
         tensors alive."""
         try:
-            return self._generate_images(params, progress)
+            return self._generate_images(params, progress, source)
         except torch.cuda.OutOfMemoryError:
             pass
         free_after_failure(self.device)
@@ -353,7 +371,8 @@ class Generator:
                 self.token_encoder = TokenEncoder(self.pipe.text_encoder)
             free_after_failure(self.device)
 
-    def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None) -> GenerationResult:
+    def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None,
+                         source: edit.EditInput | None = None) -> GenerationResult:  # fmt: skip
         with torch.inference_mode():
             start = time.perf_counter()
             seeds = self.pick_seeds(params)
@@ -365,12 +384,18 @@ class Generator:
             t_encoded = time.perf_counter()
 
             latents = self.prepare_latents(seeds, params.height, params.width)
-            timesteps = self.prepare_timesteps(params.num_inference_steps, latents)
-            latents = self.denoise(latents, timesteps, cond, uncond, params, progress)
+            strength = params.strength if source is not None else 1.0
+            timesteps = self.prepare_timesteps(params.num_inference_steps, latents, strength)
+            image_start = self.encode_image(source, seeds, timesteps) if source is not None else None
+            if image_start is not None:
+                latents = image_start.latents  # an edit starts from its noised source, not from pure noise
+            latents = self.denoise(latents, timesteps, cond, uncond, params, progress, image_start)
             self._sync()
             t_denoised = time.perf_counter()
 
             images = self.decode(latents)
+            if source is not None:
+                images = [source.overlay(image) for image in images]
             self._sync()
             end = time.perf_counter()
 
@@ -381,6 +406,10 @@ class Generator:
             "total": round(end - start, 4),
         }
         metadata = [self.image_metadata(params, seeds, i, cond, timings) for i in range(len(images))]
+        if source is not None:
+            for meta in metadata:
+                meta["transformer_evaluations"] = len(timesteps)  # a strength below 1 skips the first steps
+                meta["edit"] = source.recipe
         return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
 
     def save(self, result: GenerationResult, output_dir: str | Path | None = None) -> list[Path]:
@@ -450,8 +479,9 @@ class Generator:
         ]
         return torch.cat(noise).to(self.device)
 
-    def prepare_timesteps(self, num_inference_steps: int, latents: torch.Tensor) -> torch.Tensor:
-        """The pipeline's sigma schedule: linear from 1 to 1/N, shifted by the scheduler (shift 3 for Turbo)."""
+    def prepare_timesteps(self, num_inference_steps: int, latents: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The pipeline's sigma schedule: linear from 1 to 1/N, shifted by the scheduler (shift 3 for Turbo). An edit
+        at `strength` < 1 runs only its last steps, as diffusers' img2img `get_timesteps` cuts them."""
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
         scheduler = self.pipe.scheduler
@@ -466,8 +496,27 @@ class Generator:
         )
         sigmas = torch.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
         scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler.timesteps
+        first = edit.start_step(num_inference_steps, strength)
+        scheduler.set_begin_index(first)
+        return scheduler.timesteps[first:]
+
+    def encode_image(self, source: edit.EditInput, seeds: list[int], timesteps: torch.Tensor) -> ImageStart:
+        """An edit's start, as diffusers' ZImageImg2ImgPipeline/ZImageInpaintPipeline make it: the VAE encodes the
+        canvas once; each image draws, from its own seed on the CPU, first its latent sample, then its noise; the
+        scheduler's `scale_noise` mixes them at the first timestep."""
+        vae = self.pipe.vae
+        distribution = vae.encode(source.pixels().to(self.device, vae.dtype)).latent_dist
+        image_latents, noise = [], []
+        for seed in seeds:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            sample = distribution.sample(generator).float()
+            image_latents.append((sample - vae.config.shift_factor) * vae.config.scaling_factor)
+            noise.append(torch.randn(sample.shape, generator=generator, dtype=torch.float32))
+        image_latents = torch.cat(image_latents)
+        noise = torch.cat(noise).to(self.device)
+        latents = self.pipe.scheduler.scale_noise(image_latents, timesteps[:1].repeat(len(seeds)), noise)
+        mask = source.latent_mask(noise.shape[-2:]).to(self.device) if source.mask is not None else None
+        return ImageStart(latents=latents, noise=noise, image_latents=image_latents, mask=mask)
 
     def denoise(
         self,
@@ -477,9 +526,12 @@ class Generator:
         uncond: PromptEmbedding | None,
         params: GenerationParams,
         progress: ProgressCallback | None = None,
+        start: ImageStart | None = None,
     ) -> torch.Tensor:
         """Euler flow-matching steps. With cfg > 0 the negative prompt runs as a second batch rather than in the same
-        one: prompts of different lengths in one batch need an attention mask, another graph for the compiler."""
+        one: prompts of different lengths in one batch need an attention mask, another graph for the compiler.
+        Inpainting (`start` with a mask) puts the source back outside the mask after every step, noised to the next
+        step's level with the same noise, as ZImageInpaintPipeline does."""
         batch = latents.shape[0]
         t_norms = ((1000 - timesteps.float()) / 1000).tolist()
         for i, t in enumerate(timesteps):
@@ -491,6 +543,11 @@ class Generator:
                 negative = self.velocity(model_latents, timestep, uncond)
                 velocity = self.apply_guidance(velocity, negative, guidance, params.cfg_normalization)
             latents = self.pipe.scheduler.step(-velocity, t, latents, return_dict=False)[0]
+            if start is not None and start.mask is not None:
+                kept = start.image_latents
+                if i < len(timesteps) - 1:
+                    kept = self.pipe.scheduler.scale_noise(kept, timesteps[i + 1 : i + 2], start.noise)
+                latents = (1 - start.mask) * kept + start.mask * latents
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return latents

@@ -35,6 +35,10 @@ def a1111_text(meta: dict[str, Any]) -> str:
         "Model": meta["model"]["name"],
         "Version": meta["software"],
     }
+    if p.get("image"):  # an edit (zstudio.edit), in the keys A1111's img2img writes
+        fields["Denoising strength"] = p["strength"]
+        if (meta.get("edit") or {}).get("mask"):
+            fields["Mask blur"] = p["mask_blur"]
     line = ", ".join(f"{k}: {v}" for k, v in fields.items())
     return f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\n{line}"
 

@@ -25,6 +25,15 @@ MAX_SEQUENCE_LENGTH = 512
 MAX_PROMPT_CHARS = 8000
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
+# Editing a picture (zstudio.edit). Inputs are capped before they are decoded: a small file can claim billions of
+# pixels (a decompression bomb). 50 MP covers today's phone and camera photos; Pillow's own limit (~89 MP) is the
+# backstop. Both caps can be passed to `zstudio.edit.validate`.
+MAX_INPUT_PIXELS = 50_000_000
+MAX_INPUT_BYTES = 50 * 2**20
+OUTPAINT_SIDES = ("left", "right", "top", "bottom")
+MAX_MASK_BLUR = 64
+DEFAULT_MASK_BLUR = 4  # pixels: diffusers' VaeImageProcessor.blur default, and A1111's
+
 # A request's work: width x height x steps x images, in millions. 500 admits 1024x1024 x 50 steps x 8 images and
 # 2048x2048 x 100 steps x 1 image; a server can set its own (--max-megapixel-steps).
 DEFAULT_MAX_MEGAPIXEL_STEPS = 500.0
@@ -155,6 +164,17 @@ class GenerationParams:
     # `cfg_normalization` times the conditional one (0 = off), and stop guidance once t passes `cfg_truncation`.
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
+    # Editing (zstudio.edit): `image` is the path of the source picture; without it, text-to-image. `mask` is the path
+    # of a mask, white = repaint; with no mask, an image whose alpha channel has transparent pixels is inpainted
+    # where it is transparent (OpenAI's convention, transparent = repaint); otherwise it is image-to-image.
+    # `strength` (0-1) is the share of the schedule re-run; None = diffusers' default: 0.6 for image-to-image, 1.0
+    # with a mask or an outpaint. `outpaint` extends the canvas, {"left": 128, ...}, and repaints the new area;
+    # `mask_blur` is the width in pixels of the soft edge where repainted pixels meet kept ones.
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
+    outpaint: dict[str, int] | None = None
+    mask_blur: int = DEFAULT_MASK_BLUR
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt, required=True)
@@ -193,6 +213,30 @@ class GenerationParams:
         object.__setattr__(self, "output_format", fmt)
         _check_number("cfg_normalization", self.cfg_normalization, 0, 10, " (0 = off)")
         _check_number("cfg_truncation", self.cfg_truncation, 0, 1)
+        self._check_edit()
+
+    def _check_edit(self) -> None:
+        """What can be checked without reading files; `zstudio.edit.validate` checks the files."""
+        for name in ("image", "mask"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip() or "\x00" in value):
+                raise ParamError(name, f"must be the path of an image file, got {value!r}")
+        if self.outpaint is not None:
+            if not isinstance(self.outpaint, dict):
+                raise ParamError("outpaint", f"must map sides to pixels, e.g. {{'left': 128}}, got {self.outpaint!r}")
+            for side, pixels in self.outpaint.items():
+                if side not in OUTPAINT_SIDES:
+                    raise ParamError("outpaint", f"unknown side {side!r}; use {', '.join(OUTPAINT_SIDES)}")
+                _check_int_range(f"outpaint.{side}", pixels, 0, MAX_SIDE)
+            sides = {side: self.outpaint[side] for side in OUTPAINT_SIDES if self.outpaint.get(side)}
+            object.__setattr__(self, "outpaint", sides or None)
+        if self.strength is not None:
+            _check_number("strength", self.strength, 0, 1, " (the share of the schedule re-run)")
+        _check_int_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        if self.image is None:
+            for name in ("mask", "strength", "outpaint"):
+                if getattr(self, name) is not None:
+                    raise ParamError(name, "applies only to an edit: give an image too")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
