@@ -407,3 +407,17 @@ def test_strength_cuts_the_schedule_as_diffusers_get_timesteps_does(generator):
         for strength in (0.0, 0.1, 0.3, 0.6, 0.7, 0.75, 0.8, 0.95, 1.0):
             _, runs = pipe.get_timesteps(steps, strength, "cpu")
             assert steps - edit.start_step(steps, strength) == runs, (steps, strength)
+
+
+def test_edit_benchmark_times_each_kind_of_call_on_the_cpu(tiny_dir, tmp_path):
+    """The GPU benchmark's own code path, on the tiny checkpoint: every kind of call runs and is reported."""
+    from zstudio.bench.edit import main as bench_main
+
+    report = bench_main(["--cpu-smoke", str(tiny_dir), "--size", "128x128", "--calls", "1", "--json",
+                         str(tmp_path / "edit.json")])  # fmt: skip
+    assert json.loads((tmp_path / "edit.json").read_text())["size"] == "128x128"
+    evaluations = {key: report[key]["transformer_evaluations"] for key in
+                   ("image_to_image", "inpaint", "inpaint_at_strength")}  # fmt: skip
+    steps = report["text_to_image"]["transformer_evaluations"]
+    cut = steps - int(steps - steps * 0.6)  # diffusers' get_timesteps: the last strength x steps of the schedule
+    assert evaluations == {"image_to_image": cut, "inpaint": steps, "inpaint_at_strength": cut}
