@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SMALL
 from zstudio import GenerationParams, Generator
@@ -105,7 +106,8 @@ def test_uncompile_clears_every_compiled_block(tiny_dir):
 
 def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
     """What `fast` compiles on a GPU (blocks and VAE decoder, dynamic shapes), here on the CPU: after the warm-up's
-    runs, other sizes, batches, prompt lengths and guidance reuse the graphs, and pixels match the eager ones."""
+    runs, other sizes, batches, prompt lengths, guidance, image-to-image and inpainting reuse the graphs, and pixels
+    match the eager ones."""
     from torch._dynamo.utils import counters
 
     from zstudio.engine import warmup_runs
@@ -133,6 +135,14 @@ def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
         before = counters["stats"]["unique_graphs"]
         assert before > 0  # the warm-up did compile
         results = [request(*case) for case in later]
+        source = generator.save(generator.generate_images(GenerationParams(prompt="a red circle", width=320,
+                                height=320, num_inference_steps=2, seed=1)))[0]  # fmt: skip
+        mask = Image.new("L", (320, 320), 0)
+        mask.paste(255, (80, 80, 240, 240))
+        mask.save(tmp_path / "mask.png")
+        for extra in ({"strength": 0.6}, {"mask": str(tmp_path / "mask.png")}):  # image-to-image, inpainting
+            generator.generate_images(GenerationParams(prompt="a green circle", image=str(source),
+                                                       num_inference_steps=2, seed=2, **extra))  # fmt: skip
         assert counters["stats"]["unique_graphs"] == before
     finally:
         torch._dynamo.reset()

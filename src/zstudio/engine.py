@@ -574,7 +574,8 @@ class Generator:
         """The VAE decode, then diffusers' postprocessing (denormalise in the VAE's dtype, x255, round) done on the
         device, so a quarter of the bytes (uint8, not float32) cross to the host."""
         vae = self.pipe.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        # Contiguous: the inpainting blend can leave other strides, and strides are part of the compiled decoder's key.
+        latents = (latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).contiguous()
         # One image at a time: the same pixels, one compiled decoder graph for every batch size, a lower peak.
         pixels = torch.cat([vae.decode(one, return_dict=False)[0] for one in latents.split(1)])
         pixels = (pixels * 0.5 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8)
