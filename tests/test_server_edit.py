@@ -8,9 +8,12 @@ import hashlib
 import io
 import json
 
+import anyio
 import httpx
 import pytest
 import webuiapi
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
 
 from helpers import Running, wait_done
@@ -296,3 +299,21 @@ def test_openapi_documents_uploads(served):
     edits = spec["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "mask", "prompt", "n", "size"} <= set(edits["properties"])
     assert "/api/v1/upscales" in spec["paths"] and "/sdapi/v1/img2img" in spec["paths"]
+
+
+def test_mcp_edits_and_upscales_by_name_never_by_path(served, source_name):
+    runner, _, root = served
+
+    async def agent() -> None:
+        async with streamable_http_client(f"{runner.url}/mcp") as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            edited = await session.call_tool("generate_image", {"prompt": "x", "image": source_name, "strength": 0.5,
+                                                                "num_inference_steps": 2})  # fmt: skip
+            name = edited.structured_content["job"]["images"][0]["name"]
+            assert not edited.is_error and read_metadata(root / "outputs" / name)["edit"]["strength"] == 0.5
+            path = await session.call_tool("generate_image", {"prompt": "x", "image": str(root / "outputs" / name)})
+            assert path.is_error and path.content[0].text.startswith("image: ")
+            larger = await session.call_tool("upscale_image", {"name": name, "scale": 2})
+            assert not larger.is_error and "256x256" in larger.content[0].text
+
+    anyio.run(agent)
