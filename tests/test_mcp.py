@@ -27,7 +27,7 @@ from zstudio.server.app import create_app
 from zstudio.server.guard import REFUSED_HEADER
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TOOLS = {"generate_image", "list_history", "get_image", "server_status"}
+TOOLS = {"generate_image", "upscale_image", "list_history", "get_image", "server_status"}
 REQUEST = {"prompt": "红色圆形", "width": 256, "height": 128, "num_inference_steps": 1, "seed": 7}
 
 

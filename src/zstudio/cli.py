@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .params import ASPECT_RATIOS, DEFAULT_MASK_BLUR, PRESETS, ParamError, resolve_size
+from .params import ASPECT_RATIOS, DEFAULT_MASK_BLUR, MAX_INPUT_BYTES, PRESETS, ParamError, resolve_size
 
 SIZE_NAMES = ", ".join([*PRESETS, *ASPECT_RATIOS])
 
@@ -470,8 +470,13 @@ def download(model: str | None, revision: str | None) -> None:
 @click.option("--memory", help="auto, resident, offload-text, 8bit, stream or lowest.")
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up generation at start.")
 @click.option("--no-ui", is_flag=True, help="Serve the HTTP API only (no /ui).")
+@click.option("--upscaler", "upscalers", multiple=True, type=click.Path(path_type=Path),
+              help="An upscaler model file or folder of them, offered by name on /api/v1/upscalers; repeatable "
+              "[env ZSTUDIO_UPSCALERS, ':'-separated].")  # fmt: skip
+@click.option("--max-input-mb", type=click.FloatRange(min=0, min_open=True), default=MAX_INPUT_BYTES / 2**20,
+              show_default=True, help="The largest picture an edit or upscale request may upload, in MiB.")  # fmt: skip
 def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel_steps, device, speed, memory,
-          no_warmup, no_ui) -> None:  # fmt: skip
+          no_warmup, no_ui, upscalers, max_input_mb) -> None:  # fmt: skip
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs), MCP (/mcp) and /metrics."""
     from .server.app import serve as run_server
 
@@ -490,6 +495,8 @@ def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel
             allowed_hosts=allowed_hosts,
             max_megapixel_steps=max_megapixel_steps,
             ui=not no_ui,
+            upscalers=tuple(str(path) for path in upscalers),
+            max_input_bytes=int(max_input_mb * 2**20),
         )
     )
 

@@ -1,12 +1,13 @@
 """The AUTOMATIC1111 WebUI API under /sdapi/v1, for the tools that already speak it (webuiapi, Open WebUI, SillyTavern,
 Krita plugins).
 
-A thin translation: txt2img's fields become the one `GenerationParams` and go through the same job queue as every
-other request (submit, then wait; a client that goes away cancels its job). Answers keep the WebUI's shapes: `images`
-as base64 PNGs (the saved files, with their `parameters` text inside), `parameters` echoing the request, `info` a
-JSON string. Fields this server does not implement are accepted; those that would change the picture are listed in
-`info`'s `ignored`, never silently dropped. Bad values get the same one-line 422 as the rest of the API, naming the
-WebUI's field.
+A thin translation: txt2img's and img2img's fields become the one `GenerationParams` and go through the same job
+queue as every other request (submit, then wait; a client that goes away cancels its job). Answers keep the WebUI's
+shapes: `images` as base64 PNGs (the saved files, with their `parameters` text inside), `parameters` echoing the
+request, `info` a JSON string. Fields this server does not implement are accepted; those that would change the
+picture are listed in `info`'s `ignored`, never silently dropped. Bad values get the same one-line 422 as the rest of
+the API, naming the WebUI's field. img2img's base64 pictures are kept as uploads (`server.inputs`, same byte cap) and
+checked before the job is queued; /upscalers and /extra-single-image run the studio's upscalers.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
+from ..upscale import LANCZOS
 from .api import SafeJSONResponse, Studio, error_response, submit_or_refuse, unavailable_response, wait_finished
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, Unavailable
 from .protocol import PROMPT, SIDE, ErrorBody, InvalidRequest, answers, documented
 
 SAMPLER = "Euler"  # the one sampler: Euler on the flow-matching schedule
@@ -41,8 +43,17 @@ KNOWN_FIELDS = frozenset(
      "do_not_save_grid refiner_checkpoint refiner_switch_at disable_extra_networks comments force_task_id infotext "
      "firstpass_image").split()
 )  # fmt: skip
+# img2img's fields that change nothing here: the source is scaled to cover the size and centre-cropped (resize_mode),
+# the repainted area starts from the noised source (inpainting_fill) at the full size (inpaint_full_res).
+IMG2IMG_FIELDS = frozenset(
+    ("resize_mode image_cfg_scale initial_noise_multiplier inpainting_fill inpaint_full_res inpaint_full_res_padding "
+     "include_init_images mask_round").split()
+)  # fmt: skip
 # Our field names as the WebUI calls them, for error messages.
-A1111_FIELDS = {"num_inference_steps": "steps", "num_images": "batch_size"}
+A1111_FIELDS = {"num_inference_steps": "steps", "num_images": "batch_size", "image": "init_images",
+                "strength": "denoising_strength"}  # fmt: skip
+# The WebUI's names for the built-in upscaler; "None" keeps the size (refused: nothing to do).
+LANCZOS_NAMES = ("lanczos", "Lanczos")
 
 
 class Txt2ImgRequest(BaseModel):
@@ -77,6 +88,40 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None, description="Settings that differ from GET /sdapi/v1/options are reported as ignored."
     )
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: txt2img's fields plus the source picture (and mask, white = repaint), as base64."""
+
+    init_images: list[str] = Field(description="Base64 PNG/JPEG/WebP (a data: URL is fine); the first is used.")
+    mask: str | None = Field(None, description="Base64, white = repaint, the image's size.")
+    denoising_strength: float | None = Field(None, description="0-1; default 0.6, 1.0 with a mask.",
+                                             **documented(minimum=0, maximum=1))  # fmt: skip
+    mask_blur: int | None = Field(None, description="Soft edge in pixels (default 4).")
+    inpainting_mask_invert: int = Field(0, description="1: black = repaint.")
+
+
+class ExtraSingleImageRequest(BaseModel):
+    """POST /sdapi/v1/extra-single-image: upscale one picture."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    image: str = Field(description="Base64 PNG/JPEG/WebP.")
+    upscaling_resize: float = Field(2.0, description="1.5, 2, 3 or 4.")
+    upscaler_1: str | None = Field(None, description="'Lanczos' or a name from GET /sdapi/v1/upscalers.")
+
+
+class ExtraSingleImageResponse(BaseModel):
+    image: str = Field(description="The upscaled PNG, base64, its recipe inside.")
+    html_info: str
+
+
+class A1111Upscaler(BaseModel):
+    name: str
+    model_name: str | None
+    model_path: str | None
+    model_url: str | None = None
+    scale: float | None
 
 
 class Txt2ImgResponse(BaseModel):
@@ -175,12 +220,18 @@ def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
     if scripts:
         names = ", ".join(map(str, scripts)) if isinstance(scripts, dict) else "given"
         ignored.append(f"alwayson_scripts: extensions are not available ({names})")
-    ignored += [f"{key}: not a field of this API" for key in extra if key not in KNOWN_FIELDS]
+    ignored += [f"{key}: not a field of this API" for key in extra if key not in KNOWN_FIELDS | IMG2IMG_FIELDS]
+    if isinstance(body, Img2ImgRequest):
+        if len(body.init_images) > 1:
+            ignored.append(f"init_images: {len(body.init_images)} given; only the first is used")
+        if body.inpainting_mask_invert:
+            ignored.append("inpainting_mask_invert: not implemented (white = repaint)")
     return ignored
 
 
-def generation_params(body: Txt2ImgRequest) -> GenerationParams:
-    """The one parameters type from the WebUI's fields; errors name the WebUI's field."""
+def generation_params(body: Txt2ImgRequest, studio: Studio | None = None) -> GenerationParams:
+    """The one parameters type from the WebUI's fields; errors name the WebUI's field. An img2img's pictures are
+    kept as uploads and checked by `Studio.edit_params` (with `studio`)."""
     for name in ("batch_size", "n_iter"):
         if getattr(body, name) < 1:
             raise ParamError(name, f"{getattr(body, name)} is below 1")
@@ -190,17 +241,29 @@ def generation_params(body: Txt2ImgRequest) -> GenerationParams:
             "batch_size",
             f"batch_size {body.batch_size} x n_iter {body.n_iter} is {count} images; at most {MAX_IMAGES} per request",
         )
+    fields = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt or "",
+        "width": body.width,
+        "height": body.height,
+        "num_inference_steps": body.steps,
+        "cfg_scale": body.cfg_scale,
+        "seed": body.seed,
+        "num_images": count,
+    }
     try:
-        return GenerationParams(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt or "",
-            width=body.width,
-            height=body.height,
-            num_inference_steps=body.steps,
-            cfg_scale=body.cfg_scale,
-            seed=body.seed,
-            num_images=count,
-        )
+        if not isinstance(body, Img2ImgRequest):
+            return GenerationParams(**fields)
+        assert studio is not None
+        if not body.init_images:
+            raise ParamError("init_images", "give one base64 image")
+        fields["image"] = studio.inputs.store_base64("init_images", body.init_images[0])
+        if body.mask:
+            fields["mask"] = studio.inputs.store_base64("mask", body.mask)
+        fields["strength"] = body.denoising_strength
+        if body.mask_blur is not None:
+            fields["mask_blur"] = body.mask_blur
+        return studio.edit_params(fields)
     except ParamError as err:
         if err.field not in A1111_FIELDS:
             raise
@@ -252,7 +315,7 @@ def info_text(job: Job, body: Txt2ImgRequest, model: str, infotexts: list[str], 
             "sd_model_hash": None,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
-            "denoising_strength": None,
+            "denoising_strength": p.strength,
             "extra_generation_params": {},
             "index_of_first_image": 0,
             "infotexts": infotexts,
@@ -283,13 +346,10 @@ def build_a1111_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"], default_response_class=SafeJSONResponse)
     queue = studio.queue
 
-    @router.post("/txt2img", response_model=Txt2ImgResponse,
-                 responses=answers(e422=InvalidRequest, e429=ErrorBody, e500=ErrorBody, e503=ErrorBody))  # fmt: skip
-    async def txt2img(request: Request, body: Txt2ImgRequest):
-        """Make batch_size x n_iter images and answer with them, synchronously as the WebUI does. A client that goes
-        away cancels its job; POST /sdapi/v1/interrupt stops it (then `images` is empty and info says interrupted)."""
+    async def run(request: Request, body: Txt2ImgRequest):
+        """Submit, wait, answer in the WebUI's shape (synchronously, as the WebUI does)."""
         ignored = ignored_fields(body, current_options(studio))
-        job = await run_in_threadpool(submit_or_refuse, queue, lambda: generation_params(body))
+        job = await run_in_threadpool(submit_or_refuse, queue, lambda: generation_params(body, studio))
         if not isinstance(job, Job):
             return job
         if not await wait_finished(request, queue, job):
@@ -301,7 +361,49 @@ def build_a1111_router(studio: Studio) -> APIRouter:
         if job.status == "done":
             images, infotexts = await run_in_threadpool(read_images, studio, job.outputs)
         info = info_text(job, body, model_title(studio), infotexts, ignored)
-        return {"images": images if body.send_images else [], "parameters": body.model_dump(), "info": info}
+        parameters = body.model_dump(exclude={"init_images", "mask"})  # the pictures are not echoed back
+        return {"images": images if body.send_images else [], "parameters": parameters, "info": info}
+
+    @router.post("/txt2img", response_model=Txt2ImgResponse,
+                 responses=answers(e422=InvalidRequest, e429=ErrorBody, e500=ErrorBody, e503=ErrorBody))  # fmt: skip
+    async def txt2img(request: Request, body: Txt2ImgRequest):
+        """Make batch_size x n_iter images and answer with them, synchronously as the WebUI does. A client that goes
+        away cancels its job; POST /sdapi/v1/interrupt stops it (then `images` is empty and info says interrupted)."""
+        return await run(request, body)
+
+    @router.post("/img2img", response_model=Txt2ImgResponse,
+                 responses=answers(e422=InvalidRequest, e429=ErrorBody, e500=ErrorBody, e503=ErrorBody))  # fmt: skip
+    async def img2img(request: Request, body: Img2ImgRequest):
+        """Image-to-image, or inpainting with `mask` (white = repaint), as txt2img answers. The source is scaled to
+        cover width x height and centre-cropped (never stretched); without a size, the result has the source's."""
+        return await run(request, body)
+
+    @router.get("/upscalers", response_model=list[A1111Upscaler])
+    def upscalers():
+        found = [{"name": name, "model_name": name, "model_path": path.name, "scale": None}
+                 for name, path in studio.upscaler_names().items()]  # fmt: skip
+        return [{"name": "Lanczos", "model_name": None, "model_path": None, "scale": 4}, *found]
+
+    @router.post("/extra-single-image", response_model=ExtraSingleImageResponse,
+                 responses=answers(e422=InvalidRequest, e503=ErrorBody))  # fmt: skip
+    def extra_single_image(body: ExtraSingleImageRequest):
+        """Upscale one picture by `upscaling_resize` with `upscaler_1`; the answer is the saved PNG."""
+        from .protocol import UpscaleRequest
+
+        try:
+            name = body.upscaler_1 if body.upscaler_1 not in LANCZOS_NAMES else LANCZOS
+            if name in (None, "None"):
+                raise ParamError("upscaler_1", "name an upscaler (GET /sdapi/v1/upscalers), e.g. Lanczos")
+            image = studio.inputs.store_base64("image", body.image)
+            result = studio.upscale(UpscaleRequest(image=image, scale=body.upscaling_resize, model=name))
+        except ParamError as err:
+            field = {"scale": "upscaling_resize", "model": "upscaler_1"}.get(err.field, err.field)
+            reason = str(err)[len(err.field) + 2 :]
+            return error_response(422, f"{field}: {reason}", field)
+        except Unavailable as err:
+            return unavailable_response(str(err))
+        raw = (studio.outputs / result["name"]).read_bytes()
+        return {"image": base64.b64encode(raw).decode(), "html_info": json.dumps(result["recipe"]["upscale"])}
 
     @router.get("/options", response_model=Options)
     def get_options():

@@ -1,32 +1,39 @@
-"""HTTP routes: the native API under /api/v1, OpenAI's images endpoint under /v1, and /metrics.
+"""HTTP routes: the native API under /api/v1, OpenAI's images endpoints under /v1, and /metrics.
 
 Routes translate HTTP into the engine's one parameters type and the job queue. Every failure is one line naming what
 was wrong: bad input 422 (400 in OpenAI's shape on /v1), a full queue 429, a server that cannot run jobs now (worker
-down, engine unusable, disk full) 503, each with the reason.
+down, engine unusable, disk full) 503, each with the reason. Edits and upscales take their pictures as uploads
+(multipart) or by name (`server.inputs`); their files are checked by `zstudio.edit.validate` before a job is queued.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
-from .. import __version__
+from .. import __version__, edit
 from ..devices import free_memory_bytes
-from ..params import GenerationParams, ParamError, printable, resolve_size
+from ..params import MAX_INPUT_BYTES, GenerationParams, ParamError, printable, resolve_size
+from ..upscale import LANCZOS, find_upscalers
 from .history import PAGE_BYTES
+from .inputs import IMAGE_NAME, InputStore, shown_name
 from .jobs import Job, JobQueue, QueueFull, Unavailable, describe
 from .metrics import metrics_registry, metrics_text
 from .protocol import (
@@ -37,14 +44,18 @@ from .protocol import (
     Health,
     HistoryPage,
     InvalidRequest,
+    OpenAIEditRequest,
     OpenAIError,
     OpenAIImageRequest,
     OpenAIImagesResponse,
+    Upscaled,
+    UpscaleRequest,
+    UpscalerList,
     answers,
 )
 from .protocol import Job as JobBody
 
-IMAGE_NAME = re.compile(r"^outputs_\d{14}(_\d+)?\.(png|jpg|webp)$")
+__all__ = ["IMAGE_NAME", "Studio", "build_router", "job_view", "status"]
 RETRY_AFTER_S = 5
 MAX_OFFSET = 10**9
 SSE_PING_S = 15
@@ -64,12 +75,58 @@ class Studio:
     """What the routes share: the queue (which holds the generator and history), the outputs folder, and the
     folders where the web UI keeps copies of images (so deleting an entry deletes those too)."""
 
-    def __init__(self, queue: JobQueue, outputs: Path):
+    def __init__(self, queue: JobQueue, outputs: Path, inputs: Path | None = None,
+                 max_input_bytes: int = MAX_INPUT_BYTES, upscalers: tuple[str, ...] = ()):  # fmt: skip
         self.queue = queue
         self.outputs = outputs.resolve()
+        # Uploaded pictures; beside the history database when served (create_app), so queued edits survive restarts.
+        self.inputs = InputStore(self.outputs, inputs if inputs is not None else outputs / ".inputs", max_input_bytes)
+        self.upscalers = upscalers  # files and folders that upscaler names come from, besides ZSTUDIO_UPSCALERS
         self.cache_dirs: list[Path] = []
         self.blocks = None  # the web UI (gradio.Blocks), when mounted
         self.metrics = metrics_registry(queue)
+
+    def edit_params(self, fields: dict[str, Any]) -> GenerationParams:
+        """The parameters of a request whose `image`/`mask` are names: resolved to this server's files and checked
+        (`zstudio.edit.validate`) now, so a bad file is refused before a job is queued. An edit's width and height
+        are the ones it will draw (the request's, or its source's), so the queue's cost check is the real one."""
+        fields = dict(fields)
+        for name in ("image", "mask"):
+            if fields.get(name) is not None:
+                fields[name] = self.inputs.resolve(name, fields[name])
+        params = GenerationParams.from_dict(fields)
+        checked = edit.validate(params, self.queue.generator.profile, max_input_bytes=self.inputs.max_bytes)
+        if checked is not None:
+            params = params.replace(width=checked.params.width, height=checked.params.height)
+        return params
+
+    def upscaler_names(self) -> dict[str, Path]:
+        return find_upscalers((*self.queue.generator.settings.upscalers, *self.upscalers))
+
+    def upscaler(self, name: str | None) -> str:
+        """Lanczos' name, or the model file of an upscaler known by `name`; never a path the client chose."""
+        if name is None or name.strip().lower() == LANCZOS:
+            return LANCZOS
+        found = self.upscaler_names()
+        if name not in found:
+            known = ", ".join([LANCZOS, *found])
+            raise ParamError("model", f"{name!r} is not an upscaler of this server; known: {known} "
+                                      "(zstudio serve --upscaler FILE_OR_FOLDER adds models)")  # fmt: skip
+        return str(found[name].resolve())
+
+    def upscale(self, body: UpscaleRequest) -> dict[str, Any]:
+        """Upscale synchronously (the generator's lock keeps it off the device while a job runs): the new image's
+        name, URL, size and recipe."""
+        source = self.inputs.resolve("image", body.image)
+        model = self.upscaler(body.model)
+        reason = self.queue.unavailable()
+        if reason:
+            raise Unavailable(reason)
+        result = self.queue.generator.upscale(source, scale=body.scale, model=model, tile=body.tile,
+                                              refine=body.refine, output_dir=self.outputs)  # fmt: skip
+        name = result.path.name
+        return {"name": name, "url": f"/api/v1/images/{name}", "width": result.image.width,
+                "height": result.image.height, "seconds": result.seconds, "recipe": result.metadata}  # fmt: skip
 
     def delete_entry(self, job_id: str) -> dict[str, Any] | None:
         """Forget a finished job: its row (overwritten in the database file), its images and every cached copy."""
@@ -158,7 +215,7 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
         data = {
             "id": job.id,
             "status": job.status,
-            "params": job.params.to_dict(),
+            "params": shown_params(job.params.to_dict()),
             "step": job.step,
             "total_steps": job.total_steps,
             "outputs": job.outputs,
@@ -172,11 +229,111 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
         keys = ("id", "status", "params", "step", "total_steps", "outputs", "seeds", "seconds", "error", "created",
                 "started", "finished")  # fmt: skip
         data = {k: record[k] for k in keys}
+        data["params"] = shown_params(data["params"])
         data["position"] = None
     data["images"] = [
         {"url": f"/api/v1/images/{name}", "seed": seed} for name, seed in zip(data["outputs"], data["seeds"])
     ]
     return data
+
+
+def shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's parameters as a client sees them: input pictures by name, not by the server's path."""
+    return {**params, **{k: shown_name(params[k]) for k in ("image", "mask") if params.get(k)}}
+
+
+class MultipartRoute(APIRoute):
+    """A route that takes only multipart/form-data bodies; other bodies fall through to the next route of the same
+    path (the JSON one, which the schema documents)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match == Match.FULL and not is_multipart(scope):
+            return Match.NONE, {}
+        return match, child
+
+
+def is_multipart(scope: Scope) -> bool:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"multipart/form-data"
+    return False
+
+
+def multipart_doc(model: type[BaseModel], files: dict[str, str], params_part: bool = True) -> dict[str, Any]:
+    """`openapi_extra` documenting a multipart body: the files, and the other fields as form fields (or, with
+    `params_part`, as one `params` part holding the JSON body)."""
+    schema = model.model_json_schema()
+    properties = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
+    if params_part:
+        properties["params"] = {"type": "string", "description": f"The JSON body ({model.__name__}) as one part; or "
+                                "its fields as form fields"}  # fmt: skip
+    properties.update({k: v for k, v in schema["properties"].items() if k not in files})
+    return {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object",
+                                                                           "properties": properties}}}}}  # fmt: skip
+
+
+async def read_form(request: Request, store: InputStore, files: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+    """A multipart body's text fields and its uploads (kept by `store`, by name). Bytes past the store's cap are
+    refused while they stream in (the gate has already refused a larger Content-Length)."""
+    form = await request.form(max_files=len(files), max_fields=64)
+    fields: dict[str, str] = {}
+    uploads: dict[str, str] = {}
+    try:
+        for key, value in form.multi_items():
+            if key in fields or key in uploads:
+                raise ParamError(key, "was sent twice")
+            if isinstance(value, UploadFile):
+                if key not in files:
+                    raise ParamError(key, f"is not a file field here; files go in {', '.join(files)}")
+                uploads[key] = await run_in_threadpool(store.store_stream, key, value.file)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    return fields, uploads
+
+
+def form_body(model: type[BaseModel], fields: dict[str, str], uploads: dict[str, str]) -> BaseModel:
+    """The request model from a multipart body: its fields in one `params` part of JSON, or one form field each
+    (numbers and objects written as JSON), and the uploads' names. Errors as `ParamError`, naming the field."""
+    if "params" in fields and "params" not in model.model_fields:
+        others = sorted(set(fields) - {"params"})
+        if others:
+            raise ParamError(others[0], "give every field in the params part, or none there")
+        try:
+            data = json.loads(fields["params"])
+        except ValueError as err:
+            raise ParamError("params", f"is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ParamError("params", "must be a JSON object")
+    else:
+        data = {key: value if is_text(model, key) else parsed(value) for key, value in fields.items()}
+    for name in uploads:
+        if name in data:
+            raise ParamError(name, "give a name or upload a file, not both")
+    return checked(model, {**data, **uploads})
+
+
+def is_text(model: type[BaseModel], name: str) -> bool:
+    annotation = model.model_fields[name].annotation if name in model.model_fields else str
+    return annotation is str or str in get_args(annotation) or get_origin(annotation) is Literal
+
+
+def parsed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # then the model names the field and what it expected
+
+
+def checked(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ParamError(field, first["msg"]) from None
 
 
 def build_router(studio: Studio) -> APIRouter:
@@ -190,17 +347,36 @@ def build_router(studio: Studio) -> APIRouter:
             raise HTTPException(404, f"no job {printable(job_id)}")
         return job_view(studio, job, record)
 
-    @router.post("/api/v1/generations", status_code=202, tags=["generations"],
-                 responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody))  # fmt: skip
-    def create_generation(body: GenerationRequest):
-        """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
-        jobs cannot run now, each with the reason)."""
-        job = submit_or_refuse(queue, lambda: GenerationParams.from_dict(body.model_dump(exclude_unset=True)))
+    def accept(fields: dict[str, Any]) -> SafeJSONResponse:
+        job = submit_or_refuse(queue, lambda: studio.edit_params(fields))
         if not isinstance(job, Job):
             return job
         return SafeJSONResponse(
             status_code=202, content={"id": job.id, "status": job.status, "position": queue.position(job.id)}
         )
+
+    async def create_generation_from_form(request: Request):
+        try:
+            fields, uploads = await read_form(request, studio.inputs, ("image", "mask"))
+            body = form_body(GenerationRequest, fields, uploads)
+        except ParamError as err:
+            return error_response(422, str(err), err.field)
+        return await run_in_threadpool(accept, body.model_dump(exclude_unset=True))
+
+    # Registered first: multipart bodies end here, every other body at the documented JSON route below.
+    router.add_api_route("/api/v1/generations", create_generation_from_form, methods=["POST"],
+                         route_class_override=MultipartRoute, include_in_schema=False)  # fmt: skip
+
+    @router.post("/api/v1/generations", status_code=202, tags=["generations"],
+                 responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody),
+                 openapi_extra=multipart_doc(GenerationRequest, {"image": "The picture to edit.",
+                                                                 "mask": "White = repaint."}))  # fmt: skip
+    def create_generation(body: GenerationRequest):
+        """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
+        jobs cannot run now, each with the reason). An edit names its `image` (and `mask`) in the outputs folder
+        (`outputs_....png`) or uploads them as multipart/form-data (then the other fields go in a `params` part as
+        JSON, or as form fields); a bad file is refused with 422 before the job is queued."""
+        return accept(body.model_dump(exclude_unset=True))
 
     @router.get(
         "/api/v1/generations/{job_id}",
@@ -296,15 +472,69 @@ def build_router(studio: Studio) -> APIRouter:
     def metrics():
         return Response(metrics_text(studio.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def upscale(body: UpscaleRequest):
+        try:
+            return studio.upscale(body)
+        except ParamError as err:
+            return error_response(422, str(err), err.field)
+        except Unavailable as err:
+            return unavailable_response(str(err))
+
+    async def create_upscale_from_form(request: Request):
+        try:
+            fields, uploads = await read_form(request, studio.inputs, ("image",))
+            body = form_body(UpscaleRequest, fields, uploads)
+        except ParamError as err:
+            return error_response(422, str(err), err.field)
+        return await run_in_threadpool(upscale, body)
+
+    router.add_api_route("/api/v1/upscales", create_upscale_from_form, methods=["POST"],
+                         route_class_override=MultipartRoute, include_in_schema=False)  # fmt: skip
+
+    @router.post("/api/v1/upscales", tags=["upscale"],
+                 responses=answers(Upscaled, e422=InvalidRequest, e503=ErrorBody),
+                 openapi_extra=multipart_doc(UpscaleRequest, {"image": "The picture to upscale."}))  # fmt: skip
+    def create_upscale(body: UpscaleRequest):
+        """Upscale an image from the outputs folder (by name) or an upload (multipart), synchronously, and answer
+        with the new image's name, URL and recipe. Bounded by the upscaler's limits (results up to 8192 px a side
+        and 64 MP); `model` is a name from GET /api/v1/upscalers, never a path."""
+        return upscale(body)
+
+    @router.get("/api/v1/upscalers", tags=["upscale"], responses=answers(UpscalerList))
+    def upscalers():
+        """The upscalers `model` may name: Lanczos (built in) and the model files of --upscaler/ZSTUDIO_UPSCALERS."""
+        found = [{"name": name, "file": path.name} for name, path in studio.upscaler_names().items()]
+        return {"upscalers": [{"name": LANCZOS, "file": None}, *found]}
+
     @router.post("/v1/images/generations", tags=["openai"], responses=answers(
         OpenAIImagesResponse, e400=OpenAIError, e422=InvalidRequest, e429=OpenAIError, e500=OpenAIError,
         e503=OpenAIError))  # fmt: skip
     async def openai_images(request: Request, body: OpenAIImageRequest):
         """OpenAI-compatible and synchronous: prompt, n, size "WxH", response_format b64_json|url, optional seed.
         If the client goes away before the images are ready, its job is cancelled."""
+        return await openai_answer(request, lambda: openai_params(body), body.response_format)
+
+    @router.post("/v1/images/edits", tags=["openai"], responses=answers(
+        OpenAIImagesResponse, e400=OpenAIError, e429=OpenAIError, e500=OpenAIError, e503=OpenAIError),
+        openapi_extra=multipart_doc(OpenAIEditRequest, {"image": "PNG, JPEG or WebP; transparent pixels are "
+                                    "edited when no mask is given.", "mask": "A PNG of the image's size whose "
+                                    "fully transparent pixels mark the area to edit."}, params_part=False))  # fmt: skip
+    async def openai_edit(request: Request):
+        """OpenAI-compatible image edit (multipart, as `client.images.edit` sends it): image, optional mask
+        (transparent = edit), prompt, n, size, response_format; plus seed and strength."""
         try:
-            params = openai_params(body)
-            job = await run_in_threadpool(queue.submit, params)
+            if not is_multipart(request.scope):
+                raise ParamError("image", "send multipart/form-data with the image as a file")
+            fields, uploads = await read_form(request, studio.inputs, ("image", "image[]", "mask"))
+            body = form_body(OpenAIEditRequest, fields, {})
+        except ParamError as err:
+            return openai_error(400, str(err), "invalid_request_error", err.field)
+        return await openai_answer(request, lambda: openai_edit_params(studio, body, uploads), body.response_format)
+
+    async def openai_answer(request: Request, make_params: Callable[[], GenerationParams], fmt: str | None):
+        """Submit, wait, and answer as OpenAI's images API does (errors in its shape, naming its field)."""
+        try:
+            job = await run_in_threadpool(lambda: queue.submit(make_params()))
         except ParamError as err:
             field = {"num_images": "n", "width": "size", "height": "size"}.get(err.field, err.field)
             return openai_error(400, str(err), "invalid_request_error", field)
@@ -317,7 +547,6 @@ def build_router(studio: Studio) -> APIRouter:
         if job.status != "done":
             code = 503 if queue.unavailable() else 500 if job.status == "failed" else 409
             return openai_error(code, job.error or f"the job was {job.status}", "server_error")
-        fmt = body.response_format or "b64_json"
         data = []
         for name, seed in zip(job.outputs, job.seeds):
             if fmt == "url":
@@ -326,7 +555,7 @@ def build_router(studio: Studio) -> APIRouter:
                 raw = await run_in_threadpool((studio.outputs / name).read_bytes)
                 data.append({"b64_json": base64.b64encode(raw).decode(), "seed": seed,
                              "revised_prompt": job.params.prompt})  # fmt: skip
-        return {"created": int(time.time()), "data": data}
+        return SafeJSONResponse({"created": int(time.time()), "data": data})
 
     return router
 
@@ -347,6 +576,28 @@ def openai_params(body: OpenAIImageRequest) -> GenerationParams:
         num_images=body.n if body.n is not None else 1,
         seed=body.seed if body.seed is not None else -1,
     )
+
+
+def openai_edit_params(studio: Studio, body: OpenAIEditRequest, uploads: dict[str, str]) -> GenerationParams:
+    """OpenAI's edit onto our parameters: the uploaded image, its mask turned from OpenAI's convention (transparent =
+    edit) into ours (white = repaint), then the same checks as every edit."""
+    images = [uploads[key] for key in ("image", "image[]") if key in uploads]
+    if len(images) != 1:
+        raise ParamError("image", "upload exactly one image file (PNG, JPEG or WebP)")
+    width, height = resolve_size(body.size) if body.size else (None, None)
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt or "",
+        "width": width,
+        "height": height,
+        "num_images": body.n if body.n is not None else 1,
+        "seed": body.seed if body.seed is not None else -1,
+        "image": images[0],
+        "strength": body.strength,
+    }
+    if "mask" in uploads:
+        fields["mask"] = studio.inputs.alpha_mask("mask", uploads["mask"])
+    return studio.edit_params(fields)
 
 
 def status(studio: Studio) -> dict[str, Any]:

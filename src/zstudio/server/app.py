@@ -13,11 +13,11 @@ from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..engine import Generator
-from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
+from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, MAX_INPUT_BYTES, ParamError
 from ..settings import load_settings
 from .a1111 import build_a1111_router
 from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
-from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, is_loopback
+from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, input_body_limit, is_loopback
 from .history import DB_NAME, History, state_folder
 from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
 from .mcp import LocalStudio, build_mcp_server, http_route
@@ -58,9 +58,13 @@ def create_app(
     hosts: HostPolicy | None = None,
     max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS,
     keep_finished_s: float = DEFAULT_KEEP_FINISHED_S,
+    max_input_bytes: int = MAX_INPUT_BYTES,
+    upscalers: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The whole server as one ASGI app. `state` holds the history database (default: a folder per outputs folder
-    under ZSTUDIO_STATE); `hosts` the Host names it answers to (default: loopback names only)."""
+    """The whole server as one ASGI app. `state` holds the history database and uploaded pictures (default: a
+    folder per outputs folder under ZSTUDIO_STATE); `hosts` the Host names it answers to (default: loopback names
+    only); `max_input_bytes` caps each uploaded picture; `upscalers` are model files or folders that upscale
+    requests may name (besides ZSTUDIO_UPSCALERS)."""
     check_token(token)
     outputs = Path(outputs) if outputs is not None else generator.outputs
     generator.outputs = outputs
@@ -70,7 +74,7 @@ def create_app(
     history = History(state / DB_NAME, legacy=outputs / DB_NAME)
     queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting,
                      max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
-    studio = Studio(queue, outputs)
+    studio = Studio(queue, outputs, inputs=state / "inputs", max_input_bytes=max_input_bytes, upscalers=upscalers)
     mcp_server = build_mcp_server(LocalStudio(studio))
     mcp_route = http_route(mcp_server)
 
@@ -126,6 +130,7 @@ def create_app(
         hosts=hosts or HostPolicy.for_bind("127.0.0.1"),
         token=token,
         file_roots=lambda: [studio.outputs, *studio.cache_dirs],
+        input_limit=input_body_limit(max_input_bytes),
     )
     return app
 
@@ -144,6 +149,8 @@ def serve(
     allowed_hosts: tuple[str, ...] = (),
     max_megapixel_steps: float | None = None,
     ui: bool = True,
+    upscalers: tuple[str, ...] = (),
+    max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> None:
     """Load the model, warm it up, then serve until interrupted."""
     import uvicorn
@@ -167,6 +174,8 @@ def serve(
         hosts=HostPolicy.for_bind(host, allowed_hosts),
         max_megapixel_steps=max_megapixel_steps or settings.max_megapixel_steps,
         ui=ui,
+        max_input_bytes=max_input_bytes,
+        upscalers=tuple(upscalers),
     )
     log.warning(
         "zstudio %s: http://%s:%d  model %s  device %s (%s, speed %s)  memory mode %s",

@@ -8,7 +8,8 @@ In order:
 3. Origin: a request whose Origin is not this server's own (a page elsewhere) is refused unless it carries the
    token in its Authorization header, which a browser never adds by itself. Cross-site form posts and uploads end
    here; so does Gradio's echoing of other local origins.
-4. Bodies: at most BODY_LIMIT_BYTES (UPLOAD_LIMIT_BYTES for the UI's upload route), with a Content-Length.
+4. Bodies: at most BODY_LIMIT_BYTES (UPLOAD_LIMIT_BYTES for the UI's upload route, `input_body_limit` for the
+   routes that take pictures), with a Content-Length: refused before a byte of the body is read.
 5. Gradio's file routes: only images by name, from the outputs folder or the UI's own copies of them.
 """
 
@@ -29,7 +30,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import IMAGE_NAME
+from ..params import MAX_INPUT_BYTES
+from .inputs import IMAGE_NAME
 
 TOKEN_COOKIE = "zstudio_session"
 REFUSED_HEADER = "X-Zstudio-Refused"  # on the gate's own refusals, naming the check
@@ -41,6 +43,12 @@ FILE_ROUTE = re.compile(r"^/ui(/gradio_api)?/file[=/](?P<path>.*)$", re.DOTALL)
 NEEDS_TOKEN = "a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN in the browser)"
 USE_HEADER = "send the token in an Authorization header"
 UPLOAD_ROUTE = re.compile(r"^/ui(/gradio_api)?/upload/?$")
+INPUT_ROUTE = re.compile(r"^/(api/v1/(generations|upscales)|v1/images/edits|sdapi/v1/(img2img|extra-single-image))/?$")
+
+
+def input_body_limit(max_input_bytes: int) -> int:
+    """A body that carries pictures: an image and its mask, base64-encoded (4/3 of their bytes), and the fields."""
+    return 3 * max_input_bytes + BODY_LIMIT_BYTES
 
 
 def is_loopback(host: str) -> bool:
@@ -112,8 +120,10 @@ def session_value(token: str) -> str:
 class AccessGuard:
     """Pure ASGI middleware (it leaves streaming and disconnect detection untouched)."""
 
-    def __init__(self, app: ASGIApp, hosts: HostPolicy, token: str | None, file_roots: Callable[[], list[Path]]):
+    def __init__(self, app: ASGIApp, hosts: HostPolicy, token: str | None, file_roots: Callable[[], list[Path]],
+                 input_limit: int = input_body_limit(MAX_INPUT_BYTES)):  # fmt: skip
         self.app = app
+        self.input_limit = input_limit
         self.hosts = hosts
         self.token = token
         self.session = session_value(token) if token else None
@@ -181,11 +191,14 @@ class AccessGuard:
     def _matches(given: str | None, expected: str | None) -> bool:
         return bool(given and expected) and hmac.compare_digest(given.encode(), expected.encode())
 
-    @staticmethod
-    def _check_body(path: str, headers: Headers) -> None:
+    def _check_body(self, path: str, headers: Headers) -> None:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             raise Refused("body", 411, "send a Content-Length (chunked request bodies are not accepted)")
-        limit = UPLOAD_LIMIT_BYTES if UPLOAD_ROUTE.match(path) else BODY_LIMIT_BYTES
+        limit = BODY_LIMIT_BYTES
+        if UPLOAD_ROUTE.match(path):
+            limit = UPLOAD_LIMIT_BYTES
+        elif INPUT_ROUTE.match(path):
+            limit = self.input_limit
         length = headers.get("content-length", "0")
         if not length.isascii() or not length.isdigit():
             raise Refused("body", 400, f"Content-Length {_shown(length)} is not a number of bytes")

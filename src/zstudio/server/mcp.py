@@ -1,11 +1,12 @@
 """MCP for AI agents: the studio's tools and recent images over the Model Context Protocol (the official SDK).
 
 Tools are thin translations: `generate_image` takes the one parameters type's fields, builds `GenerationParams`
-(whose one-line errors name the field) and runs it as a job of the queue; `list_history`, `get_image` and
-`server_status` read what the HTTP API reads. Two backends answer them: `LocalStudio` (the queue of this process, for
-`/mcp` on `zstudio serve` and for `zstudio mcp --model`) and `RemoteStudio` (a running server's HTTP API, for
-`zstudio mcp --server URL`). Transports: streamable HTTP at `/mcp`, behind the same gate as every route (`http_route`),
-and stdio (`serve_stdio`).
+(whose one-line errors name the field) and runs it as a job of the queue (an edit names its `image` and `mask` in
+the outputs folder, never by path); `upscale_image` upscales an image of the outputs folder; `list_history`,
+`get_image` and `server_status` read what the HTTP API reads. Two backends answer them: `LocalStudio` (the queue of
+this process, for `/mcp` on `zstudio serve` and for `zstudio mcp --model`) and `RemoteStudio` (a running server's
+HTTP API, for `zstudio mcp --server URL`). Transports: streamable HTTP at `/mcp`, behind the same gate as every route
+(`http_route`), and stdio (`serve_stdio`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..params import GenerationParams, ParamError, printable
 from .api import IMAGE_NAME, Studio, job_view, status
 from .history import PAGE_BYTES
 from .jobs import QueueFull, Unavailable
-from .protocol import GenerationRequest
+from .protocol import GenerationRequest, UpscaleRequest
 
 log = logging.getLogger(__name__)
 MCP_PATH = "/mcp"
@@ -70,6 +71,7 @@ class LocalStudio:
 
     async def generate(self, params: GenerationParams) -> dict[str, Any]:
         queue = self.studio.queue
+        params = await run_in_threadpool(self.studio.edit_params, params.to_dict())  # names to files, checked
         try:
             job = await run_in_threadpool(queue.submit, params)
         except (QueueFull, Unavailable) as err:
@@ -81,6 +83,12 @@ class LocalStudio:
             if not job.finished:  # the agent cancelled the call or went away: so does its job
                 queue.cancel(job.id)
         return job_view(self.studio, job)
+
+    async def upscale(self, body: UpscaleRequest) -> dict[str, Any]:
+        try:
+            return await run_in_threadpool(self.studio.upscale, body)
+        except Unavailable as err:
+            raise StudioError(str(err)) from None
 
     async def history(self, limit: int, offset: int) -> dict[str, Any]:
         queue = self.studio.queue
@@ -135,6 +143,9 @@ class RemoteStudio:
                 with anyio.CancelScope(shield=True), contextlib.suppress(httpx.HTTPError):
                     await self.client.delete(f"/api/v1/generations/{job_id}")
         return job
+
+    async def upscale(self, body: UpscaleRequest) -> dict[str, Any]:
+        return (await self._call("POST", "/api/v1/upscales", json=body.model_dump(exclude_none=True))).json()
 
     async def history(self, limit: int, offset: int) -> dict[str, Any]:
         return (await self._call("GET", "/api/v1/history", params={"limit": limit, "offset": offset})).json()
@@ -197,12 +208,14 @@ def generation_signature() -> inspect.Signature:
 
 
 def build_mcp_server(backend: LocalStudio | RemoteStudio) -> MCPServer:
-    """The MCP server: four tools and the recent images as resources, answered by `backend`."""
+    """The MCP server: five tools and the recent images as resources, answered by `backend`."""
     server = MCPServer("zstudio", version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
 
     async def generate_image(**arguments: Any) -> CallToolResult:
         """Draw images from a prompt and save them (parameters embedded in each file). Unset fields take the model's
-        defaults. Returns each image, plus one line per image with its name, where it is saved and the seed used."""
+        defaults. To edit an earlier image, give its name as `image` (and a mask's name as `mask`, white = repaint)
+        with a `strength`. Returns each image, plus one line per image with its name, where it is saved and the
+        seed used."""
         try:
             params = GenerationParams.from_dict(arguments)
             job = await backend.generate(params)
@@ -226,6 +239,21 @@ def build_mcp_server(backend: LocalStudio | RemoteStudio) -> MCPServer:
 
     generate_image.__signature__ = generation_signature()  # type: ignore[attr-defined]
     server.add_tool(generate_image, name="generate_image", structured_output=False)
+
+    @server.tool()
+    async def upscale_image(
+        name: Annotated[str, Field(description="An image's file name, as list_history or generate_image give it.")],
+        scale: Annotated[float, Field(description="1.5, 2, 3 or 4.")] = 2.0,
+        model: Annotated[str | None, Field(description="An upscaler's name; default lanczos.")] = None,
+    ) -> CallToolResult:
+        """Make a larger copy of a generated image and save it (its recipe inside); returns its name and the image."""
+        try:
+            done = await backend.upscale(UpscaleRequest(image=name, scale=float(scale), model=model))
+            data = await backend.image(done["name"])
+        except (ParamError, StudioError) as err:
+            return failure(str(err))
+        text = f"{done['name']}\t{backend.where(done['name'])}\t{done['width']}x{done['height']}"
+        return CallToolResult(content=[TextContent(type="text", text=text), image_content(done["name"], data)])
 
     @server.tool()
     async def list_history(

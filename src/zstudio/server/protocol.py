@@ -7,13 +7,15 @@ constants.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..params import (
+    DEFAULT_MASK_BLUR,
     MAX_CFG,
     MAX_IMAGES,
+    MAX_MASK_BLUR,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SEQUENCE_LENGTH,
@@ -52,6 +54,17 @@ class GenerationRequest(BaseModel):
     output_format: Literal[OUTPUT_FORMATS + ("jpg",)] = "png"  # type: ignore[valid-type]
     cfg_normalization: float = Field(0.0, **documented(minimum=0, maximum=10))
     cfg_truncation: float = Field(1.0, **documented(minimum=0, maximum=1))
+    image: str | None = Field(None, description="An edit's source picture, by name: a file of the outputs folder "
+                              "(outputs_....png) or an upload's name; or upload it (multipart). Never a path.",
+                              examples=["outputs_20260101120000.png"])  # fmt: skip
+    mask: str | None = Field(None, description="White = repaint, the image's size; by name or uploaded, as image. "
+                             "Without it, an image's transparent pixels are repainted.")  # fmt: skip
+    strength: float | None = Field(None, description="Share of the schedule re-run; default 0.6, 1.0 with a mask "
+                                   "or an outpaint.", **documented(minimum=0, maximum=1))  # fmt: skip
+    outpaint: dict[str, int] | None = Field(None, description="Pixels to add per side (left, right, top, bottom), "
+                                            "repainted.", examples=[{"left": 128}])  # fmt: skip
+    mask_blur: int = Field(DEFAULT_MASK_BLUR, description="Pixels of soft edge where repainted meets kept.",
+                           **documented(minimum=0, maximum=MAX_MASK_BLUR))  # fmt: skip
 
 
 class OpenAIImageRequest(BaseModel):
@@ -65,6 +78,34 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     seed: int | None = Field(None, description="Not in OpenAI's API: a fixed seed.", **documented(minimum=-1))
     negative_prompt: str | None = Field(None, description="Not in OpenAI's API.", **PROMPT)
+
+
+class OpenAIEditRequest(BaseModel):
+    """OpenAI's images.edit form fields (besides the files); model, quality, user and the like are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    prompt: str = Field(**documented(minLength=1, maxLength=MAX_PROMPT_CHARS))
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="Images to make (default 1).")
+    size: str | None = Field(None, description='"WxH"; default: the image\'s own size (rounded to 16).')
+    response_format: Literal["b64_json", "url"] | None = None
+    seed: int | None = Field(None, description="Not in OpenAI's API: a fixed seed.", **documented(minimum=-1))
+    strength: float | None = Field(None, description="Not in OpenAI's API: share of the schedule re-run (0-1).")
+    negative_prompt: str | None = Field(None, description="Not in OpenAI's API.", **PROMPT)
+
+
+class UpscaleRequest(BaseModel):
+    """POST /api/v1/upscales: an image by name (or uploaded as multipart), and how to upscale it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(description="A file of the outputs folder, or an upload's name; or upload it (multipart).",
+                       examples=["outputs_20260101120000.png"])  # fmt: skip
+    scale: float = Field(2.0, description="1.5, 2, 3 or 4.")
+    model: str | None = Field(None, description="An upscaler's name from GET /api/v1/upscalers; default lanczos.")
+    tile: int | None = Field(None, description="Tile side in input pixels, 0 = one piece; default 512.")
+    refine: float | None = Field(None, description="Then re-render at the larger size by image-to-image at this "
+                                 "strength, with the draft's recipe (0-1; 0.2-0.4 keeps the composition).")  # fmt: skip
 
 
 # Responses. Documented (and checked against real answers in tests/test_protocol.py); the routes build them as dicts.
@@ -123,6 +164,24 @@ class HistoryPage(BaseModel):
 class Deleted(BaseModel):
     deleted: str = Field(description="The job id.")
     files: list[str] = Field(description="The files removed from the outputs folder.")
+
+
+class Upscaled(BaseModel):
+    name: str = Field(description="The new file in the outputs folder.")
+    url: str
+    width: int
+    height: int
+    seconds: float
+    recipe: dict[str, Any] = Field(description="The record inside the file: source SHA-256 and size, upscaler, ...")
+
+
+class UpscalerInfo(BaseModel):
+    name: str
+    file: str | None = Field(description="The model file's name; null for the built-in Lanczos.")
+
+
+class UpscalerList(BaseModel):
+    upscalers: list[UpscalerInfo]
 
 
 class QueueState(BaseModel):

@@ -1,0 +1,122 @@
+"""Input pictures for edits and upscales: uploads kept by content, and names resolved only inside two folders.
+
+A client never passes a filesystem path. It uploads a file (multipart, or base64 on the A1111 routes), which is kept
+as `<state>/inputs/<sha256>.<ext>` (the bytes as sent, so the recorded SHA-256 is the client's file's, and queued
+jobs still find it after a restart), or it names an image: `outputs_....png` from the outputs folder or
+`<sha256>.png` from the uploads. Anything else is refused with one line naming the field. Bytes are capped while
+they stream in, before a file is decoded; decoding and every other check is `zstudio.edit.validate`'s.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..edit import read_image
+from ..params import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, ParamError
+
+IMAGE_NAME = re.compile(r"^outputs_\d{14}(_\d+)?\.(png|jpg|webp)$")  # what the server writes
+UPLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.(png|jpg|webp)$")
+CHUNK = 1 << 20
+# The first bytes of each accepted format (the extension an upload is kept under follows the content, not the name).
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"))
+
+
+def extension(head: bytes) -> str | None:
+    """'.png', '.jpg' or '.webp' from a file's first 12 bytes; None for anything else."""
+    for signature, ext in SIGNATURES:
+        if head.startswith(signature):
+            return ext
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ".webp"
+    return None
+
+
+class InputStore:
+    """Where input pictures come from: uploads kept under `folder`, or generated images in `outputs`."""
+
+    def __init__(self, outputs: Path, folder: Path, max_bytes: int = MAX_INPUT_BYTES):
+        self.outputs = outputs.resolve()
+        self.folder = folder.resolve()
+        self.max_bytes = max_bytes
+
+    def store_stream(self, field: str, stream: BinaryIO) -> str:
+        """Keep an upload (read in chunks, refused once past `max_bytes`) and return its name."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        digest, size, head = hashlib.sha256(), 0, b""
+        with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".upload-", delete=False) as out:
+            try:
+                while chunk := stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise ParamError(field, f"is over {self.max_bytes / 2**20:g} MiB, the most accepted")
+                    head = head or chunk[:12]
+                    digest.update(chunk)
+                    out.write(chunk)
+                return self._keep(field, Path(out.name), head, digest.hexdigest())
+            finally:
+                Path(out.name).unlink(missing_ok=True)
+
+    def store_bytes(self, field: str, data: bytes) -> str:
+        return self.store_stream(field, io.BytesIO(data))
+
+    def store_base64(self, field: str, text: Any) -> str:
+        """A base64 image as the AUTOMATIC1111 API sends it (optionally a data: URL), checked for size first."""
+        if not isinstance(text, str) or not text:
+            raise ParamError(field, "must be a base64-encoded PNG, JPEG or WebP image")
+        text = text.partition(",")[2] if text.startswith("data:") else text
+        if len(text) * 3 // 4 > self.max_bytes + 2:
+            raise ParamError(field, f"is over {self.max_bytes / 2**20:g} MiB, the most accepted")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ParamError(field, "is not valid base64") from None
+        return self.store_bytes(field, data)
+
+    def _keep(self, field: str, written: Path, head: bytes, sha256: str) -> str:
+        ext = extension(head)
+        if ext is None:
+            raise ParamError(field, "is not a PNG, JPEG or WebP image")
+        name = f"{sha256}{ext}"
+        if not (self.folder / name).is_file():
+            os.replace(written, self.folder / name)
+        return name
+
+    def resolve(self, field: str, name: Any) -> str:
+        """The absolute path of an image given by name: from the outputs folder, or an earlier upload."""
+        if not isinstance(name, str):
+            raise ParamError(field, f"must be the name of an image, got {name!r}")
+        if IMAGE_NAME.match(name):
+            path = self.outputs / name
+        elif UPLOAD_NAME.match(name):
+            path = self.folder / name
+        else:
+            raise ParamError(field, f"{name!r} is not an image name; give a file name from the outputs folder "
+                                    "(outputs_20260101120000.png) or upload it; paths are not accepted")  # fmt: skip
+        if not path.is_file():
+            raise ParamError(field, f"no image named {name!r}")
+        return str(path)
+
+    def alpha_mask(self, field: str, name: str) -> str:
+        """OpenAI's mask (fully transparent = edit) as the engine's (white = repaint), kept as an upload."""
+        image, _ = read_image(field, self.folder / name, MAX_INPUT_PIXELS, self.max_bytes)
+        if "A" not in image.getbands() and "transparency" not in image.info:
+            raise ParamError(field, "has no alpha channel; OpenAI's mask is a PNG whose transparent pixels mark the "
+                                    "area to edit")  # fmt: skip
+        alpha = image.convert("RGBA").getchannel("A")
+        mask = alpha.point(lambda v: 255 if v == 0 else 0)  # only fully transparent pixels are edited
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        return self.store_bytes(field, buffer.getvalue())
+
+
+def shown_name(path: Any) -> Any:
+    """What a client sees of an input: its name, never the server's path."""
+    return Path(path).name if isinstance(path, str) and path else path
