@@ -1,9 +1,8 @@
 """The web UI's edit tabs: image to image, inpaint / outpaint, upscale, and the buttons that send results to them.
 
 The logic runs through the tabs' own handler functions with a real Studio on the tiny checkpoint (no browser); two
-browser tests check the wiring (send buttons, tab switching, the Chinese labels). Painting in Gradio's ImageEditor is
-not driven with the mouse here: the inpaint test hands the editor's value (background + a painted RGBA layer) to the
-inpaint handler, the shape Gradio passes it.
+browser tests check the wiring (send buttons, tab switching, a brush stroke in Gradio's ImageEditor as the mask, the
+Chinese labels).
 """
 
 from __future__ import annotations
@@ -14,14 +13,14 @@ import shutil
 import gradio as gr
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from helpers import Running
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.params import GenerationParams
 from zstudio.server.app import create_app
-from zstudio.server.ui import edit_request, hires_request, inpaint_request, run_job, upscale_job
+from zstudio.server.ui import edit_request, hires_request, inpaint_request, inputs_folder, run_job, upscale_job
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -107,7 +106,7 @@ def test_bad_edits_are_refused_in_one_line_in_the_users_language(served, draft, 
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
-def test_send_a_result_to_image_to_image_and_upscale_from_the_browser(served):
+def test_send_a_result_to_img2img_upscale_and_inpaint_from_the_browser(served):
     from playwright.sync_api import sync_playwright
 
     page_url, studio = served
@@ -146,7 +145,24 @@ def test_send_a_result_to_image_to_image_and_upscale_from_the_browser(served):
         page.click("#generate-send-inpaint")  # nothing painted, no outpaint: a one-line message, the page goes on
         page.wait_for_selector("#inpaint-editor canvas", timeout=30_000)
         page.click("#inpaint-run")
-        page.get_by_text("Paint the area to repaint").first.wait_for(timeout=10_000)
+        page.get_by_text("Paint the area to repaint, or give pixels to extend by.").wait_for(timeout=10_000)
+        page.locator("#inpaint-editor button[aria-label=Brush]").click()  # a stroke across the middle
+        box = page.locator("#inpaint-editor canvas").first.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x - 40, y)
+        page.mouse.down()
+        page.mouse.move(x + 40, y, steps=20)
+        page.mouse.up()
+        page.click("#inpaint-run")
+        page.locator("#inpaint-progress", has_text="Done").wait_for(timeout=60_000)
+        inpainted = sorted(studio.outputs.glob("outputs_*.png"))[-1]
+        recipe = read_metadata(inpainted)["edit"]
+        mask = Image.open(inputs_folder(studio) / f"{recipe['mask']['sha256']}.png")
+        painted = np.asarray(mask) > 127
+        assert recipe["mode"] == "inpaint" and mask.size == (512, 512) and 0 < painted.mean() < 0.2
+        kept = ~(np.asarray(mask.filter(ImageFilter.MaxFilter(25))) > 127)  # beyond the stroke and its soft edge
+        before, after = np.asarray(Image.open(first).convert("RGB")), np.asarray(Image.open(inpainted).convert("RGB"))
+        assert (before[kept] == after[kept]).all() and (before[painted] != after[painted]).any()
         browser.close()
 
 

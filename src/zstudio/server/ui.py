@@ -443,11 +443,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
         i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height]
         i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
 
-        def inpaint(p, neg, n_steps, g, s, n, value, strength, w, h, blur, *sides, request: gr.Request):
+        def inpaint(p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top, bottom,
+                    request: gr.Request):  # fmt: skip
             lang = language(request)
             if not value or value.get("background") is None:
                 raise gr.Error(text(lang, "no_image"))
-            extend = dict(zip(OUTPAINT_SIDES, sides))
+            extend = dict(zip(OUTPAINT_SIDES, (left, right, top, bottom)))
             if painted_mask(value.get("layers")) is None and not any(extend.values()):
                 raise gr.Error(text(lang, "paint_mask"))
             fields = recipe_fields(p, neg, n_steps, g, s, n)
