@@ -42,6 +42,37 @@ TEXTS: dict[str, tuple[str, str]] = {
     "select_hint": ("Select an image to see its settings.", "选择一张图片以查看其参数。"),
     "use_settings": ("Use these settings", "使用这些参数"),
     "delete_entry": ("Delete entry", "删除记录"),
+    # Editing and upscaling tabs, and the buttons that send a result to them.
+    "img2img_tab": ("Image to image", "图生图"),
+    "inpaint_tab": ("Inpaint / Outpaint", "局部重绘 / 扩图"),
+    "upscale_tab": ("Upscale", "放大"),
+    "source_image": ("Source image", "原图"),
+    "strength": ("Strength", "重绘强度"),
+    "strength_info": (
+        "the share of the steps re-run: low keeps the picture, 1 redraws it",
+        "重新运行的步数比例：越低越接近原图，1 为完全重绘",
+    ),
+    "edit_width": ("Width (0 = the source's)", "宽度（0 = 原图宽度）"),
+    "edit_height": ("Height (0 = the source's)", "高度（0 = 原图高度）"),
+    "editor": ("Paint the area to repaint (white = repaint)", "涂抹要重绘的区域（白色 = 重绘）"),
+    "outpaint_left": ("Extend left (px)", "向左扩展（像素）"),
+    "outpaint_right": ("Extend right (px)", "向右扩展（像素）"),
+    "outpaint_top": ("Extend top (px)", "向上扩展（像素）"),
+    "outpaint_bottom": ("Extend bottom (px)", "向下扩展（像素）"),
+    "mask_blur": ("Mask blur (px)", "蒙版羽化（像素）"),
+    "run_edit": ("Run", "运行"),
+    "scale": ("Scale", "倍数"),
+    "upscaler": ("Upscaler", "放大模型"),
+    "refine": ("Refine strength (0 = off)", "细化强度（0 = 关闭）"),
+    "refine_info": (
+        "hires fix: re-render the upscaled picture with its own recipe; 0.2-0.4 keeps the composition",
+        "高清修复：用原图的参数重绘放大后的图片；0.2-0.4 保持构图",
+    ),
+    "upscale": ("Upscale", "放大"),
+    "send_img2img": ("Send to image to image", "发送到图生图"),
+    "send_inpaint": ("Send to inpaint", "发送到局部重绘"),
+    "upscale_x2": ("Upscale x2", "放大 2 倍"),
+    "rerender": ("Re-render at 1024", "以 1024 重绘"),
     # Written by the server while it runs.
     "status": (
         "**Model** {model} · **device** {device} ({dtype}, speed {speed}) · **memory mode** {memory} · "
@@ -76,6 +107,16 @@ TEXTS: dict[str, tuple[str, str]] = {
     ),
     "select_first": ("select an entry first", "请先选择一条记录"),
     "deleted": ("Deleted {id}.", "已删除 {id}。"),
+    "no_image": ("Upload an image or send a result here first.", "请先上传图片，或把结果发送到这里。"),
+    "paint_mask": (
+        "Paint the area to repaint, or give pixels to extend by.",
+        "请涂抹要重绘的区域，或填写扩展的像素数。",
+    ),
+    "upscaling": ("Upscaling…", "放大中…"),
+    "upscaled": (
+        "Done: {width}x{height} in {seconds:.2f} s ({upscaler})",
+        "完成：{width}x{height}，用时 {seconds:.2f} 秒（{upscaler}）",
+    ),
     # Before an error the engine or the queue wrote (in English, naming the field and the value).
     "invalid": ("Invalid input: {error}", "输入有误：{error}"),
     "busy": ("The queue is full: {error}", "队列已满：{error}"),

@@ -1,17 +1,37 @@
-"""The web UI (Gradio Blocks), a thin layer over the same job queue as the HTTP API."""
+"""The web UI (Gradio Blocks), a thin layer over the same job queue as the HTTP API.
+
+Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. Edits go through the job queue like
+generations (so they are in the history, saved with their recipe); upscaling calls `Generator.upscale`, which takes
+the generator's lock, in the handler's thread. Every result gallery, and the history's selected entry, can be sent to
+the edit tabs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
+from .. import edit, upscale
+from ..models import Profile
+from ..outputs import read_metadata
 from ..params import (
     ASPECT_RATIOS,
+    DEFAULT_MASK_BLUR,
     MAX_IMAGES,
+    MAX_MASK_BLUR,
     MAX_SEED,
+    MAX_SIDE,
     MAX_STEPS,
+    OUTPAINT_SIDES,
     GenerationParams,
     ParamError,
 )
@@ -20,6 +40,8 @@ from .i18n import I18N, language, text
 from .jobs import QueueFull, Unavailable
 
 HISTORY_PAGE = 24
+HIRES_SIDE = 1024  # "Re-render at 1024": the draft's long side after the hires fix
+HIRES_STRENGTH = 0.3  # low enough that the draft's composition stays
 
 
 def status_line(studio: Studio, lang: str = "en") -> str:
@@ -39,128 +61,449 @@ def error_message(lang: str, err: Exception) -> str:
     return text(lang, kind, error=err)
 
 
-def progress_html(text: str, step: int = 0, total: int = 0) -> str:
+def progress_html(text: str, step: int = 0, total: int = 0, key: str = "zstudio-progress") -> str:
     bar = f'<progress value="{step}" max="{total}" style="width:100%"></progress>' if total else ""
-    return f'<div id="zstudio-progress">{text}{bar}</div>'
+    return f'<div id="{key}">{text}{bar}</div>'
+
+
+# ------------------------------------------------------------------------------- what the tabs do, outside Gradio
+def recipe_fields(prompt: str, negative: str, steps: float, cfg: float, seed: float, count: float) -> dict[str, Any]:
+    """The shared controls' values as GenerationParams fields (sliders and number boxes send floats)."""
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "num_inference_steps": int(steps),
+        "cfg_scale": float(cfg),
+        "seed": int(seed),
+        "num_images": int(count),
+    }
+
+
+def run_job(studio: Studio, lang: str, make_params: Callable[[], GenerationParams], key: str = "zstudio-progress"
+            ) -> Iterator[tuple]:  # fmt: skip
+    """Submit to the job queue and follow the job, as the HTTP API does. Yields (gallery, progress, job id, first
+    seed, status line, output files, chosen file); a refusal is a `gr.Error` in the page's language."""
+    queue = studio.queue
+    try:
+        job = queue.submit(make_params())
+    except (ParamError, QueueFull, Unavailable) as err:  # tell the user, keep the page alive
+        raise gr.Error(error_message(lang, err)) from None
+    keep = gr.update()
+    while not job.finished:
+        seen = job.version
+        if job.status == "queued":
+            shown = progress_html(text(lang, "queued", position=queue.position(job.id)), key=key)
+        else:
+            shown = progress_html(text(lang, "step", step=job.step, total=job.total_steps), job.step,
+                                  job.total_steps, key)  # fmt: skip
+        yield keep, shown, job.id, keep, status_line(studio, lang), keep, keep
+        queue.wait(job, seen, 1.0)
+    if job.status != "done":
+        ended = text(lang, "ended", status=text(lang, job.status), error=job.error or "")
+        yield keep, progress_html(ended, key=key), None, keep, status_line(studio, lang), keep, keep
+        return
+    per_image = (job.seconds or 0) / max(1, len(job.outputs))
+    files = [str(studio.outputs / name) for name in job.outputs]
+    images = [(f, text(lang, "caption", seed=sd, seconds=per_image)) for f, sd in zip(files, job.seeds)]
+    done = progress_html(text(lang, "done", count=len(images), seconds=job.seconds, seeds=job.seeds), key=key)
+    yield images, done, None, job.seeds[0], status_line(studio, lang), files, files[0]
+
+
+def inputs_folder(studio: Studio) -> Path:
+    """Where edit inputs are kept: the state folder, beside the history whose recipes name them (never served)."""
+    return studio.queue.history.path.parent / "inputs"
+
+
+def keep_file(studio: Studio, path: str) -> str:
+    """A byte-for-byte copy of an uploaded or sent file in the inputs folder, named by its SHA-256: Gradio's cache
+    copies can be deleted, and the copy keeps the recipe's hash equal to the file's (and a sent result's recipe)."""
+    data = Path(path).read_bytes()
+    folder = inputs_folder(studio)
+    kept = folder / f"{hashlib.sha256(data).hexdigest()}{Path(path).suffix.lower()}"
+    if not kept.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept.with_suffix(".part"))
+        kept.with_suffix(".part").replace(kept)
+    return str(kept)
+
+
+def painted_mask(layers: list[Image.Image] | None) -> Image.Image | None:
+    """The image editor's brush strokes as a mask: white wherever a layer is painted (alpha > 0); None if none is."""
+    painted = None
+    for layer in layers or []:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        if painted is not None and painted.shape != alpha.shape:
+            raise ParamError("mask", f"painted layers of {painted.shape[::-1]} and {alpha.shape[::-1]} px differ")
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    return Image.fromarray(painted.astype(np.uint8) * 255, "L")
+
+
+def edit_request(studio: Studio, recipe: dict[str, Any], image: str, mask: Image.Image | None = None,
+                 strength: float | None = None, width: float = 0, height: float = 0,
+                 outpaint: dict[str, int] | None = None, mask_blur: float = DEFAULT_MASK_BLUR
+                 ) -> GenerationParams:  # fmt: skip
+    """An edit's parameters, its files checked by `edit.validate` before queueing (bad file, mask size, sizes the
+    model cannot draw) and kept in the inputs folder. Width or height 0: the source's."""
+    stored = edit.store_inputs({"mask": mask}, inputs_folder(studio))
+    params = GenerationParams(**recipe, image=image, mask=stored["mask"], strength=strength, width=int(width) or None,
+                              height=int(height) or None, outpaint=outpaint, mask_blur=int(mask_blur))  # fmt: skip
+    checked = edit.validate(params, studio.queue.generator.profile)
+    return checked.params.replace(image=keep_file(studio, image))
+
+
+def inpaint_request(studio: Studio, recipe: dict[str, Any], editor: dict[str, Any], strength: float, width: float,
+                    height: float, outpaint: dict[str, int], mask_blur: float) -> GenerationParams:  # fmt: skip
+    """The image editor's value (background = the source, painted layers = the mask) as an edit's parameters."""
+    background = editor["background"].convert("RGB")  # the canvas' own transparency is not a mask here
+    image = edit.store_inputs({"image": background}, inputs_folder(studio))["image"]
+    outpaint = {side: int(pixels or 0) for side, pixels in outpaint.items()}
+    return edit_request(studio, recipe, image, painted_mask(editor.get("layers")), strength, width, height,
+                        outpaint if any(outpaint.values()) else None, mask_blur)  # fmt: skip
+
+
+def upscale_job(studio: Studio, lang: str, path: str | None, scale: float, model: str, refine: float
+                ) -> Iterator[tuple]:  # fmt: skip
+    """Upscale through `Generator.upscale` (it waits for the generator's lock) and save beside the generations.
+    Yields (gallery, progress, output files, chosen file)."""
+    if not path:
+        raise gr.Error(text(lang, "no_image"))
+    keep = gr.update()
+    yield keep, progress_html(text(lang, "upscaling"), key="upscale-progress"), keep, keep
+    try:
+        result = studio.queue.generator.upscale(path, float(scale), model, refine=float(refine or 0) or None,
+                                                output_dir=studio.outputs)  # fmt: skip
+    except ParamError as err:
+        raise gr.Error(error_message(lang, err)) from None
+    except OSError as err:  # a full disk, a file gone meanwhile
+        raise gr.Error(text(lang, "refused", error=err)) from None
+    width, height = result.image.size
+    done = text(lang, "upscaled", width=width, height=height, seconds=result.seconds, upscaler=model)
+    file = str(result.path)
+    yield [(file, f"{width}x{height}")], progress_html(done, key="upscale-progress"), [file], file
+
+
+def recipe_of(path: str) -> dict[str, Any] | None:
+    """The generation parameters a file records, if it carries zstudio's record."""
+    try:
+        return read_metadata(path).get("params")
+    except (ValueError, OSError):
+        return None
+
+
+def recipe_updates(path: str) -> list[Any]:
+    """Prompt, negative prompt, steps, CFG and seed from a sent file's own recipe (unchanged where it has none)."""
+    params = recipe_of(path)
+    if not params:
+        return [gr.update()] * 5
+    names = ("prompt", "negative_prompt", "num_inference_steps", "cfg_scale", "seed")
+    return [params.get(name, gr.update()) for name in names]
+
+
+def hires_request(path: str, side: int = HIRES_SIDE, strength: float = HIRES_STRENGTH) -> GenerationParams:
+    """The hires fix of a draft as an image-to-image request (upscale.refine_request): the draft's own recipe at
+    `side` px on its long side, at a low strength. The edit's fit enlarges the draft (Lanczos) before it runs."""
+    source = upscale.open_source(path, 1.0)
+    width, height = source.image.size
+    size = upscale.refine_size(width, height, side / max(width, height))
+    return upscale.refine_request(source, source.path, size, strength)
+
+
+# ---------------------------------------------------------------------------------------------------- the page
+@dataclass
+class Recipe:
+    """The controls every job tab shares, in the order `recipe_fields` takes them."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    steps: gr.Slider
+    cfg: gr.Slider
+    seed: gr.Number
+    count: gr.Slider
+
+    @property
+    def controls(self) -> list[gr.components.Component]:
+        return [self.prompt, self.negative, self.steps, self.cfg, self.seed, self.count]
+
+
+def prompt_controls(prefix: str) -> tuple[gr.Textbox, gr.Textbox]:
+    prompt = gr.Textbox(
+        label=I18N("prompt"), lines=3, elem_id=f"{prefix}prompt", placeholder=I18N("prompt_placeholder")
+    )
+    return prompt, gr.Textbox(label=I18N("negative"), lines=1, elem_id=f"{prefix}negative")
+
+
+def recipe_controls(profile: Profile, prefix: str, prompt: gr.Textbox, negative: gr.Textbox, last_seed: gr.State
+                    ) -> Recipe:  # fmt: skip
+    """Steps, CFG, seed (dice, reuse the last one) and images, with the loaded model's defaults."""
+    with gr.Row():
+        steps = gr.Slider(1, MAX_STEPS, value=profile.num_inference_steps, step=1, label=I18N("steps"),
+                          elem_id=f"{prefix}steps", info=I18N("steps_info"))  # fmt: skip
+        cfg = gr.Slider(0, 20, value=profile.cfg_scale, step=0.1, label=I18N("cfg"))
+    with gr.Row():
+        seed = gr.Number(value=-1, precision=0, label=I18N("seed"), elem_id=f"{prefix}seed")
+        dice = gr.Button("🎲", size="sm")
+        reuse = gr.Button(I18N("reuse_seed"), size="sm")
+        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label=I18N("images"), elem_id=f"{prefix}images")
+    dice.click(lambda: random.randint(0, MAX_SEED - MAX_IMAGES), outputs=seed)
+    reuse.click(lambda s: s if s is not None else -1, last_seed, seed)
+    return Recipe(prompt, negative, steps, cfg, seed, count)
+
+
+def source_image(prefix: str) -> gr.Image:
+    """An upload box that hands the handler the file itself (its bytes, so its hash and recipe, unchanged)."""
+    return gr.Image(label=I18N("source_image"), type="filepath", sources=["upload", "clipboard"],
+                    elem_id=f"{prefix}image")  # fmt: skip
+
+
+def edit_size_controls(profile: Profile, prefix: str) -> tuple[gr.Slider, gr.Slider]:
+    """Output width and height for an edit; 0 keeps the source's (rounded down to a multiple of 16)."""
+    with gr.Row():
+        width = gr.Slider(
+            0, profile.side_range[1], value=0, step=16, label=I18N("edit_width"), elem_id=f"{prefix}width"
+        )
+        height = gr.Slider(0, profile.side_range[1], value=0, step=16, label=I18N("edit_height"),
+                           elem_id=f"{prefix}height")  # fmt: skip
+    return width, height
+
+
+@dataclass
+class SendButtons:
+    """What any result can be sent to."""
+
+    img2img: gr.Button
+    inpaint: gr.Button
+    upscale2: gr.Button
+    rerender: gr.Button
+
+
+def send_buttons(prefix: str, profile: Profile) -> SendButtons:
+    with gr.Row():
+        return SendButtons(
+            gr.Button(I18N("send_img2img"), size="sm", elem_id=f"{prefix}send-img2img"),
+            gr.Button(I18N("send_inpaint"), size="sm", elem_id=f"{prefix}send-inpaint"),
+            gr.Button(I18N("upscale_x2"), size="sm", elem_id=f"{prefix}upscale-x2"),
+            gr.Button(
+                I18N("rerender"), size="sm", elem_id=f"{prefix}rerender", visible=profile.max_side >= HIRES_SIDE
+            ),  # fmt: skip
+        )
+
+
+@dataclass
+class ResultPanel:
+    """A tab's progress line and result gallery; `chosen` is the result the send buttons send (the first, or the
+    one clicked)."""
+
+    progress: gr.HTML
+    gallery: gr.Gallery
+    files: gr.State
+    chosen: gr.State
+    sends: SendButtons
+
+
+def result_panel(profile: Profile, prefix: str, progress_id: str, gallery_id: str) -> ResultPanel:
+    progress = gr.HTML(progress_html("", key=progress_id))
+    gallery = gr.Gallery(label=I18N("result"), columns=2, height="auto", elem_id=gallery_id)
+    files, chosen = gr.State([]), gr.State(None)
+    sends = send_buttons(prefix, profile)
+
+    def pick(paths: list[str], evt: gr.SelectData) -> str | None:
+        return paths[evt.index] if evt.index is not None and evt.index < len(paths) else None
+
+    gallery.select(pick, files, chosen)
+    return ResultPanel(progress, gallery, files, chosen, sends)
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
     queue = studio.queue
-    profile = queue.generator.profile  # presets, aspect ratios, sliders and defaults follow the loaded model
+    generator = queue.generator
+    profile = generator.profile  # presets, aspect ratios, sliders and defaults follow the loaded model
     aspects = {name: size for name, size in ASPECT_RATIOS.items() if max(size) <= profile.max_side}
+    upscalers = [upscale.LANCZOS, *upscale.find_upscalers(generator.settings.upscalers)]
 
     with gr.Blocks(title="zstudio") as demo:
-        gr.Markdown(f"# zstudio — {queue.generator.resolve_source().label}")  # the model that runs
+        gr.Markdown(f"# zstudio — {generator.resolve_source().label}")  # the model that runs
         status_md = gr.Markdown(elem_id="zstudio-status")  # filled on load, in the browser's language
         job_id = gr.State(None)
         last_seed = gr.State(None)
-        with gr.Tab(I18N("generate_tab")):
-            with gr.Row():
-                with gr.Column(scale=2):
-                    prompt = gr.Textbox(
-                        label=I18N("prompt"),
-                        lines=3,
-                        elem_id="prompt",
-                        placeholder=I18N("prompt_placeholder"),
-                    )
-                    negative = gr.Textbox(label=I18N("negative"), lines=1)
-                    with gr.Row():
-                        preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in profile.sizes]
-                        aspect = gr.Dropdown(["—", *aspects], value="—", label=I18N("aspect"), visible=bool(aspects))
-                    with gr.Row():
-                        width = gr.Slider(
-                            *profile.side_range, value=profile.width, step=16, label=I18N("width"), elem_id="width"
+        with gr.Tabs() as tabs:
+            with gr.Tab(I18N("generate_tab"), id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        prompt, negative = prompt_controls("")
+                        with gr.Row():
+                            preset_buttons = [gr.Button(f"{w}x{h}", size="sm") for w, h in profile.sizes]
+                            aspect = gr.Dropdown(["—", *aspects], value="—", label=I18N("aspect"),
+                                                 visible=bool(aspects))  # fmt: skip
+                        with gr.Row():
+                            width = gr.Slider(*profile.side_range, value=profile.width, step=16, label=I18N("width"),
+                                              elem_id="width")  # fmt: skip
+                            height = gr.Slider(*profile.side_range, value=profile.height, step=16,
+                                               label=I18N("height"), elem_id="height")  # fmt: skip
+                        recipe = recipe_controls(profile, "", prompt, negative, last_seed)
+                        with gr.Row():
+                            run_btn = gr.Button(I18N("generate"), variant="primary", elem_id="generate")
+                            cancel_btn = gr.Button(I18N("cancel"), variant="stop")
+                    with gr.Column(scale=3):
+                        panel = result_panel(profile, "generate-", "zstudio-progress", "result")
+            with gr.Tab(I18N("img2img_tab"), id="img2img"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        i2i_image = source_image("img2img-")
+                        i2i_prompt, i2i_negative = prompt_controls("img2img-")
+                        i2i_strength = gr.Slider(0, 1, value=edit.IMAGE_TO_IMAGE_STRENGTH, step=0.05,
+                                                 label=I18N("strength"), info=I18N("strength_info"),
+                                                 elem_id="img2img-strength")  # fmt: skip
+                        i2i_width, i2i_height = edit_size_controls(profile, "img2img-")
+                        i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed)
+                        with gr.Row():
+                            i2i_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="img2img-run")
+                            i2i_cancel = gr.Button(I18N("cancel"), variant="stop")
+                    with gr.Column(scale=3):
+                        i2i_panel = result_panel(profile, "img2img-", "img2img-progress", "img2img-result")
+            with gr.Tab(I18N("inpaint_tab"), id="inpaint"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        editor = gr.ImageEditor(
+                            label=I18N("editor"),
+                            type="pil",
+                            image_mode="RGBA",  # the layers' alpha is the mask
+                            sources=("upload", "clipboard"),
+                            brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
+                            transforms=(),  # cropping would make the mask and the picture differ
+                            elem_id="inpaint-editor",
                         )
-                        height = gr.Slider(
-                            *profile.side_range, value=profile.height, step=16, label=I18N("height"), elem_id="height"
-                        )
-                    with gr.Row():
-                        steps = gr.Slider(
-                            1,
-                            MAX_STEPS,
-                            value=profile.num_inference_steps,
-                            step=1,
-                            label=I18N("steps"),
-                            elem_id="steps",
-                            info=I18N("steps_info"),
-                        )
-                        cfg = gr.Slider(0, 20, value=profile.cfg_scale, step=0.1, label=I18N("cfg"))
-                    with gr.Row():
-                        seed = gr.Number(value=-1, precision=0, label=I18N("seed"), elem_id="seed")
-                        dice = gr.Button("🎲", size="sm")
-                        reuse = gr.Button(I18N("reuse_seed"), size="sm")
-                        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label=I18N("images"), elem_id="images")
-                    with gr.Row():
-                        run_btn = gr.Button(I18N("generate"), variant="primary", elem_id="generate")
-                        cancel_btn = gr.Button(I18N("cancel"), variant="stop")
-                with gr.Column(scale=3):
-                    progress = gr.HTML(progress_html(""))
-                    gallery = gr.Gallery(label=I18N("result"), columns=2, height="auto", elem_id="result")
-        with gr.Tab(I18N("history_tab")):
-            with gr.Row():
-                page = gr.Number(value=1, precision=0, label=I18N("page"), minimum=1)
-                refresh = gr.Button(I18N("refresh"), size="sm")
-            history_gallery = gr.Gallery(label=I18N("history_gallery"), columns=6, elem_id="history")
-            history_info = gr.Markdown(I18N("select_hint"))
-            selected = gr.State(None)
-            with gr.Row():
-                use_btn = gr.Button(I18N("use_settings"))
-                delete_btn = gr.Button(I18N("delete_entry"), variant="stop")
+                        inp_prompt, inp_negative = prompt_controls("inpaint-")
+                        with gr.Row():
+                            outpaint = [gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SIDE, step=16,
+                                                  label=I18N(f"outpaint_{side}"), elem_id=f"outpaint-{side}")
+                                        for side in OUTPAINT_SIDES]  # fmt: skip
+                        with gr.Row():
+                            inp_strength = gr.Slider(0, 1, value=edit.INPAINT_STRENGTH, step=0.05,
+                                                     label=I18N("strength"), info=I18N("strength_info"),
+                                                     elem_id="inpaint-strength")  # fmt: skip
+                            mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=DEFAULT_MASK_BLUR, step=1,
+                                                  label=I18N("mask_blur"))  # fmt: skip
+                        inp_width, inp_height = edit_size_controls(profile, "inpaint-")
+                        inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed)
+                        with gr.Row():
+                            inp_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="inpaint-run")
+                            inp_cancel = gr.Button(I18N("cancel"), variant="stop")
+                    with gr.Column(scale=3):
+                        inp_panel = result_panel(profile, "inpaint-", "inpaint-progress", "inpaint-result")
+            with gr.Tab(I18N("upscale_tab"), id="upscale"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        up_image = source_image("upscale-")
+                        with gr.Row():
+                            up_scale = gr.Radio([(f"{s:g}x", s) for s in upscale.SCALES], value=2.0,
+                                                label=I18N("scale"), elem_id="upscale-scale")  # fmt: skip
+                            up_model = gr.Dropdown(upscalers, value=upscale.LANCZOS, label=I18N("upscaler"),
+                                                   elem_id="upscale-model")  # fmt: skip
+                        up_refine = gr.Slider(0, 1, value=0, step=0.05, label=I18N("refine"), info=I18N("refine_info"),
+                                              elem_id="upscale-refine")  # fmt: skip
+                        up_run = gr.Button(I18N("upscale"), variant="primary", elem_id="upscale-run")
+                    with gr.Column(scale=3):
+                        up_panel = result_panel(profile, "upscale-", "upscale-progress", "upscale-result")
+            with gr.Tab(I18N("history_tab"), id="history"):
+                with gr.Row():
+                    page = gr.Number(value=1, precision=0, label=I18N("page"), minimum=1)
+                    refresh = gr.Button(I18N("refresh"), size="sm")
+                history_gallery = gr.Gallery(label=I18N("history_gallery"), columns=6, elem_id="history")
+                history_info = gr.Markdown(I18N("select_hint"))
+                selected = gr.State(None)
+                history_chosen = gr.State(None)
+                with gr.Row():
+                    use_btn = gr.Button(I18N("use_settings"))
+                    delete_btn = gr.Button(I18N("delete_entry"), variant="stop")
+                history_sends = send_buttons("history-", profile)
 
         for button, (w, h) in zip(preset_buttons, profile.sizes):
             button.click(lambda w=w, h=h: (w, h), outputs=[width, height])
         aspect.change(lambda a: aspects.get(a, (gr.update(), gr.update())), aspect, [width, height])
-        dice.click(lambda: random.randint(0, MAX_SEED - MAX_IMAGES), outputs=seed)
-        reuse.click(lambda s: s if s is not None else -1, last_seed, seed)
 
-        def generate(p, neg, w, h, n_steps, g, s, n, request: gr.Request):
+        def follows(result: ResultPanel) -> list:
+            return [result.gallery, result.progress, job_id, last_seed, status_md, result.files, result.chosen]
+
+        def generate(p, neg, n_steps, g, s, n, w, h, request: gr.Request):
+            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "width": int(w), "height": int(h)}
+            yield from run_job(studio, language(request), lambda: GenerationParams(**fields))
+
+        run_btn.click(generate, [*recipe.controls, width, height], follows(panel))
+
+        def image_to_image(p, neg, n_steps, g, s, n, image, strength, w, h, request: gr.Request):
             lang = language(request)
-            try:
-                params = GenerationParams(
-                    prompt=p,
-                    negative_prompt=neg,
-                    width=int(w),
-                    height=int(h),
-                    num_inference_steps=int(n_steps),
-                    cfg_scale=float(g),
-                    seed=int(s),
-                    num_images=int(n),
-                )
-                job = queue.submit(params)
-            except (ParamError, QueueFull, Unavailable) as err:  # tell the user, keep the page alive
-                raise gr.Error(error_message(lang, err)) from None
-            while not job.finished:
-                seen = job.version
-                if job.status == "queued":
-                    shown = progress_html(text(lang, "queued", position=queue.position(job.id)))
-                else:
-                    shown = progress_html(text(lang, "step", step=job.step, total=job.total_steps), job.step,
-                                          job.total_steps)  # fmt: skip
-                yield gr.update(), shown, job.id, gr.update(), status_line(studio, lang)
-                queue.wait(job, seen, 1.0)
-            if job.status != "done":
-                yield (
-                    gr.update(),
-                    progress_html(text(lang, "ended", status=text(lang, job.status), error=job.error or "")),
-                    None,
-                    gr.update(),
-                    status_line(studio, lang),
-                )
-                return
-            per_image = (job.seconds or 0) / max(1, len(job.outputs))
-            images = [
-                (str(studio.outputs / name), text(lang, "caption", seed=sd, seconds=per_image))
-                for name, sd in zip(job.outputs, job.seeds)
-            ]
-            done = progress_html(text(lang, "done", count=len(images), seconds=job.seconds, seeds=job.seeds))
-            yield images, done, None, job.seeds[0], status_line(studio, lang)
+            if not image:
+                raise gr.Error(text(lang, "no_image"))
+            fields = recipe_fields(p, neg, n_steps, g, s, n)
+            make = lambda: edit_request(studio, fields, image, None, strength, w, h)  # noqa: E731
+            yield from run_job(studio, lang, make, "img2img-progress")
 
-        run_btn.click(
-            generate,
-            [prompt, negative, width, height, steps, cfg, seed, count],
-            [gallery, progress, job_id, last_seed, status_md],
-        )
-        cancel_btn.click(lambda j: queue.cancel(j) and None, job_id, None)
+        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height]
+        i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
+
+        def inpaint(p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top, bottom,
+                    request: gr.Request):  # fmt: skip
+            lang = language(request)
+            if not value or value.get("background") is None:
+                raise gr.Error(text(lang, "no_image"))
+            extend = dict(zip(OUTPAINT_SIDES, (left, right, top, bottom)))
+            if painted_mask(value.get("layers")) is None and not any(extend.values()):
+                raise gr.Error(text(lang, "paint_mask"))
+            fields = recipe_fields(p, neg, n_steps, g, s, n)
+            make = lambda: inpaint_request(studio, fields, value, strength, w, h, extend, blur)  # noqa: E731
+            yield from run_job(studio, lang, make, "inpaint-progress")
+
+        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint]
+        inp_run.click(inpaint, inp_inputs, follows(inp_panel))
+
+        def run_upscale(path, scale, model, refine, request: gr.Request):
+            yield from upscale_job(studio, language(request), path, scale, model, refine)
+
+        up_outputs = [up_panel.gallery, up_panel.progress, up_panel.files, up_panel.chosen]
+        up_run.click(run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs)
+        for cancel in (cancel_btn, i2i_cancel, inp_cancel):
+            cancel.click(lambda j: queue.cancel(j) and None, job_id, None)
+
+        # Send a result (a gallery's chosen image, the history's selected one) to the edit tabs.
+        def source(path: str | None, request: gr.Request) -> str:
+            if not path:
+                raise gr.Error(text(language(request), "select_first"))
+            return path
+
+        def to_img2img(path, request: gr.Request):
+            path = source(path, request)
+            return [path, *recipe_updates(path), gr.Tabs(selected="img2img")]
+
+        def to_inpaint(path, request: gr.Request):
+            path = source(path, request)
+            value = {"background": path, "layers": [], "composite": path}
+            return [value, *recipe_updates(path), gr.Tabs(selected="inpaint")]
+
+        def to_upscale(path, request: gr.Request):
+            return source(path, request), 2.0, gr.Tabs(selected="upscale")
+
+        def to_rerender(path, request: gr.Request):
+            path = source(path, request)
+            try:
+                p = hires_request(path)
+            except ParamError as err:
+                raise gr.Error(error_message(language(request), err)) from None
+            recipe_values = [p.prompt, p.negative_prompt, p.num_inference_steps, p.cfg_scale, p.seed, 1]
+            return [path, *recipe_values, p.width, p.height, p.strength, gr.Tabs(selected="img2img")]
+
+        i2i_recipe, inp_recipe = i2i.controls[:5], inp.controls[:5]
+        senders = [(r.chosen, r.sends) for r in (panel, i2i_panel, inp_panel, up_panel)]
+        for chosen, sends in [*senders, (history_chosen, history_sends)]:
+            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, tabs])
+            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, tabs])
+            sends.upscale2.click(to_upscale, chosen, [up_image, up_scale, tabs]).success(
+                run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs
+            )
+            sends.rerender.click(
+                to_rerender, chosen, [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, tabs]
+            ).success(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def load_history(page_number):
             offset = (max(1, int(page_number or 1)) - 1) * HISTORY_PAGE
@@ -180,9 +523,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def greet(request: gr.Request):
             lang = language(request)
-            return status_line(studio, lang), progress_html(text(lang, "ready"))
+            ready = text(lang, "ready")
+            keys = ("zstudio-progress", "img2img-progress", "inpaint-progress", "upscale-progress")
+            return status_line(studio, lang), *(progress_html(ready, key=key) for key in keys)
 
-        demo.load(greet, None, [status_md, progress])
+        demo.load(greet, None, [status_md, panel.progress, i2i_panel.progress, inp_panel.progress, up_panel.progress])
 
         def select(records, evt: gr.SelectData, request: gr.Request):
             record = records[evt.index]
@@ -190,9 +535,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
             shown = text(language(request), "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—",
                          width=p["width"], height=p["height"], steps=p["num_inference_steps"], cfg=p["cfg_scale"],
                          seeds=record["seeds"], seconds=record["seconds"] or 0)  # fmt: skip
-            return record, shown
+            return record, shown, str(studio.outputs / record["outputs"][0])
 
-        history_gallery.select(select, history_records, [selected, history_info])
+        history_gallery.select(select, history_records, [selected, history_info, history_chosen])
 
         def use(record: dict[str, Any] | None, request: gr.Request):
             if not record:
@@ -201,15 +546,16 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return (
                 p["prompt"],
                 p["negative_prompt"],
-                p["width"],
-                p["height"],
                 p["num_inference_steps"],
                 p["cfg_scale"],
                 record["seeds"][0] if record["seeds"] else p["seed"],
                 p["num_images"],
+                p["width"],
+                p["height"],
+                gr.Tabs(selected="generate"),
             )
 
-        use_btn.click(use, selected, [prompt, negative, width, height, steps, cfg, seed, count])
+        use_btn.click(use, selected, [*recipe.controls, width, height, tabs])
 
         def delete(record, page_number, request: gr.Request):
             lang = language(request)
@@ -220,7 +566,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except Exception as err:  # still running: say so
                 raise gr.Error(text(lang, "refused", error=getattr(err, "detail", err))) from None
             items, shown = load_history(page_number)
-            return items, shown, None, text(lang, "deleted", id=record["id"])
+            return items, shown, None, None, text(lang, "deleted", id=record["id"])
 
-        delete_btn.click(delete, [selected, page], [history_gallery, history_records, selected, history_info])
+        delete_btn.click(
+            delete, [selected, page], [history_gallery, history_records, selected, history_chosen, history_info]
+        )
     return demo
