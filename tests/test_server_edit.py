@@ -95,8 +95,11 @@ def test_uploaded_edit_records_the_sources_sha256_and_shows_names_not_paths(serv
     sha = hashlib.sha256(source).hexdigest()
     assert job["params"]["image"] == f"{sha}.png"  # its name, not the server's path
     assert (root / "state" / "inputs" / f"{sha}.png").read_bytes() == source  # kept as sent, beside the history
-    recipe = read_metadata(root / "outputs" / job["outputs"][0])["edit"]
+    record = read_metadata(root / "outputs" / job["outputs"][0])
+    recipe = record["edit"]
     assert recipe["source"]["sha256"] == sha and recipe["mode"] == "image-to-image" and recipe["strength"] == 0.5
+    assert record["params"]["image"] == f"{sha}.png"  # the served picture names its input; no server path inside
+    assert str(root) not in (root / "outputs" / job["outputs"][0]).read_bytes().decode("latin-1")
     assert Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).size == (SIDE, SIDE)
     listed = client.get("/api/v1/history").json()["items"]
     assert [item["params"]["image"] for item in listed if item["id"] == job["id"]] == [f"{sha}.png"]

@@ -109,6 +109,9 @@ class Generator:
         self._lock = threading.RLock()
         self._prompt_cache: OrderedDict[tuple[str, int], PromptEmbedding] = OrderedDict()
         self.upscalers: dict[str, Any] = {}  # zstudio.upscale.Upscaler by file path, loaded on first use
+        # Folders whose input files a picture's record names by file name alone (a server's uploads and outputs, which
+        # its API accepts by name): the server's own paths never travel inside the pictures it serves.
+        self.named_input_folders: set[Path] = set()
 
     # ----------------------------------------------------------------------------------------- loading
     def resolve_source(self, download: bool = True) -> models.ModelSource:
@@ -597,7 +600,7 @@ class Generator:
                 "revision": source.revision,
                 "profile": source.profile.name,
             },
-            "params": params.replace(seed=seeds[index], num_images=1).to_dict(),
+            "params": self._public_inputs(params.replace(seed=seeds[index], num_images=1).to_dict()),
             # Steps count transformer evaluations (diffusers >= 0.42); with CFG each also carries the negative prompt.
             "transformer_evaluations": params.num_inference_steps,
             "batch": {"index": index, "size": len(seeds), "seeds": seeds},
@@ -614,6 +617,12 @@ class Generator:
             "seconds": timings["total"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+    def _public_inputs(self, record: dict[str, Any]) -> dict[str, Any]:
+        for name in ("image", "mask"):
+            if record.get(name) and Path(record[name]).parent in self.named_input_folders:
+                record[name] = Path(record[name]).name
+        return record
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
