@@ -13,6 +13,7 @@
 | ZSTUDIO_STATE     | the server's history database (never inside the outputs)      | ~/.local/state/zstudio      |
 | ZSTUDIO_TOKEN     | API/UI token of `zstudio serve` (16+ characters)              | none (loopback only)        |
 | ZSTUDIO_MAX_MEGAPIXEL_STEPS | per-request work limit: width x height x steps x images / 1e6 | 500         |
+| ZSTUDIO_LORAS     | the LoRA folder (`*.safetensors`, see zstudio.lora)            | ./loras                     |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Settings:
     cuda_graphs: str = "off"
     state_dir: Path = Path("~/.local/state/zstudio").expanduser()
     max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS
+    loras: Path = Path("loras")
 
 
 def load_settings() -> Settings:
@@ -59,6 +61,7 @@ def load_settings() -> Settings:
         cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "off",
         state_dir=Path(state),
         max_megapixel_steps=_positive_number("ZSTUDIO_MAX_MEGAPIXEL_STEPS", DEFAULT_MAX_MEGAPIXEL_STEPS),
+        loras=Path(os.environ.get("ZSTUDIO_LORAS") or "loras"),
     )
 
 
