@@ -143,27 +143,27 @@ class LoraFolder:
 
 
 def from_hub(spec: str) -> LoraFile:
-    """`owner/repo` (its one .safetensors file) or `owner/repo/path/file.safetensors`, through the HF cache."""
-    from huggingface_hub import hf_hub_download, list_repo_files
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """`owner/repo` (its one .safetensors file) or `owner/repo/path/file.safetensors`, from the HF cache, else
+    downloaded into it."""
+    from huggingface_hub import snapshot_download
 
     owner, repo, *rest = spec.split("/")
-    repo_id = f"{owner}/{repo}"
+    repo_id, pattern = f"{owner}/{repo}", "/".join(rest) or f"*{SUFFIX}"
     try:
-        if rest:
-            filename = "/".join(rest)
-        else:
-            names = [n for n in list_repo_files(repo_id) if n.endswith(SUFFIX)]
-            if len(names) != 1:
-                raise ParamError(FIELD, f"{repo_id} holds {len(names)} .safetensors files; name one: "
-                                        f"{repo_id}/{names[0] if names else 'FILE.safetensors'}")  # fmt: skip
-            filename = names[0]
-        path = Path(hf_hub_download(repo_id, filename))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ParamError(FIELD, f"LoRA {spec!r} is not in the LoRA folder and could not be had from the Hugging "
-                                f"Face hub or its cache ({reason[:160]})") from None  # fmt: skip
-    return LoraFile(spec, path, path.stat().st_size)
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=[pattern]))
+    except Exception:  # not cached (LocalEntryNotFoundError): ask the hub
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=[pattern]))
+        except Exception as err:  # the hub client raises many kinds (network, auth, missing repo)
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+            raise ParamError(FIELD, f"LoRA {spec!r} is not in the LoRA folder, and could not be had from the "
+                                    f"Hugging Face hub or its cache ({reason[:160]})") from None  # fmt: skip
+    files = sorted(folder.glob(pattern if rest else f"**/*{SUFFIX}"))
+    if len(files) != 1:
+        names = ", ".join(f.relative_to(folder).as_posix() for f in files[:5]) or "none"
+        raise ParamError(FIELD, f"{repo_id} holds {len(files)} .safetensors files ({names}); name one as "
+                                f"{repo_id}/FILE.safetensors")  # fmt: skip
+    return LoraFile(spec, files[0], files[0].stat().st_size)
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -260,8 +260,10 @@ def to_diffusers(
     sd = peft_alphas(sd, metadata or {})
     sd = split_fused_qkv(sd)
     sd = {re.sub(r"\.attention\.out\.(lora_[AB])", r".attention.to_out.0.\1", k): v for k, v in sd.items()}
-    if detect_format(sd) == "diffsynth":  # flat module paths: the converter reads them under ComfyUI's prefix
-        sd = {f"diffusion_model.{k}": v for k, v in sd.items()}
+    # diffusers' and flat (DiffSynth) module paths go under ComfyUI's prefix, so that one converter (alphas, PEFT's
+    # `.default.`) reads every layout; without it, flat keys would load nothing and say little.
+    if detect_format(sd) in ("diffusers", "diffsynth"):
+        sd = {f"diffusion_model.{k.removeprefix('transformer.')}": v for k, v in sd.items()}
     try:
         converted = ZImagePipeline.lora_state_dict(sd)
     except (ValueError, KeyError, RuntimeError) as err:
@@ -283,7 +285,7 @@ def match_layers(converted: dict[str, torch.Tensor], transformer: torch.nn.Modul
     any key that does not is refused, naming some of them: never half a LoRA."""
     linears = {}
     for module_name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in module_name:  # PEFT's own layers are not targets
             linears[module_name.removesuffix(".base_layer")] = module
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     stray = []
