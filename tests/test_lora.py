@@ -256,7 +256,7 @@ def test_switching_sets_restores_base_pixels_exactly(tiny):
     assert np.abs(seen[0] - base).max() > 10 and np.abs(seen[1] - seen[0]).max() > 10
     assert np.array_equal(seen[3], base)  # strength 0
     assert np.array_equal(seen[4], base)  # none
-    assert len(tiny.loras._loaded) == 2  # each file loaded once
+    assert len(tiny.pipe.transformer.peft_config) == len(tiny.loras._loaded)  # one adapter per file, loaded once
 
 
 def test_matches_diffusers_load_lora_weights_and_set_adapters(tiny, tiny_dir, lora_dir):
@@ -316,3 +316,69 @@ def test_lora_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_path):
                    "--repeats", "1", "--rank", "4", "--device", "cpu"])  # fmt: skip
     assert json.loads((tmp_path / "r.json").read_text())["per_image_s"].keys() == {"0", "1", "3"}
     assert report["graphs_compiled_while_switching"] == 0 and report["way"] == "adapters"
+
+
+# ------------------------------------------------------------------------------------------ the demo LoRA
+SHIPPED = __import__("importlib.resources").resources.files("zstudio") / "data" / "loras"
+
+
+@pytest.fixture(scope="module")
+def demo_loras(tmp_path_factory):
+    """The demo model with the two shipped demo LoRAs (`python -m zstudio.demo.lora`, 200 steps each)."""
+    generator = Generator(model="demo", device="cpu", outputs=tmp_path_factory.mktemp("demo-out")).load()
+    generator.pipe.set_progress_bar_config(disable=True)
+    generator.loras.folder = lora.LoraFolder(SHIPPED)
+    return generator
+
+
+def colour_share(generator, scenes, loras, colour) -> tuple[float, list]:
+    from zstudio.demo.lora import evaluate
+
+    seen = evaluate(generator, loras, scenes)
+    return sum(c == colour for c in seen) / len(seen), seen
+
+
+def test_demo_lora_teaches_its_colour(demo_loras):
+    """The evaluator on 20 held-out prompts each: the base model draws the named colour, each LoRA repaints it.
+    The bar is 80% (measured: base 90% red / 95% green; LoRAs 100% blue / 100% yellow)."""
+    from zstudio.demo.lora import held_out_prompts
+
+    red, green = held_out_prompts("red", "blue"), held_out_prompts("green", "yellow")
+    for scenes, loras, colour in [(red, (), "red"), (red, (("red-to-blue", 1.0),), "blue"), (green, (), "green"),
+                                  (green, (("green-to-yellow", 1.0),), "yellow")]:  # fmt: skip
+        share, seen = colour_share(demo_loras, scenes, loras, colour)
+        assert share >= 0.8, (loras, colour, share, seen)
+
+
+@pytest.mark.xfail(strict=True, reason="measured: stacked, green-to-yellow still 100% yellow but red-to-blue only 55% "
+                   "blue (100% alone): the second LoRA disturbs the first; below the 80% bar")  # fmt: skip
+def test_demo_loras_stacked_give_both_effects(demo_loras):
+    from zstudio.demo.lora import held_out_prompts
+
+    both = (("red-to-blue", 1.0), ("green-to-yellow", 1.0))
+    for scenes, colour in [(held_out_prompts("red", "blue"), "blue"), (held_out_prompts("green", "yellow"), "yellow")]:
+        share, seen = colour_share(demo_loras, scenes, both, colour)
+        assert share >= 0.8, (colour, share, seen)
+
+
+def test_demo_lora_strength_zero_and_removal_give_base_pixels(demo_loras):
+    request = {"prompt": "a red circle on a white background", "seed": 11, "num_inference_steps": 6}
+    base = pixels(demo_loras.generate_images(GenerationParams(**request)).images[0])
+    zero = pixels(demo_loras.generate_images(GenerationParams(**request, loras=(("red-to-blue", 0.0),))).images[0])
+    both = (("red-to-blue", 1.0), ("green-to-yellow", 1.0))
+    taught = pixels(demo_loras.generate_images(GenerationParams(**request, loras=both)).images[0])
+    removed = pixels(demo_loras.generate_images(GenerationParams(**request)).images[0])
+    assert np.array_equal(zero, base) and np.array_equal(removed, base)
+    assert np.abs(taught - base).max() > 50
+
+
+def test_demo_lora_retrains_quickly_into_the_shipped_layout(demo_loras, tmp_path):
+    """The recipe runs here (a few steps, seeded) into a file with the shipped file's layers."""
+    from zstudio.demo.lora import train_lora
+
+    path = train_lora(tmp_path / "quick.safetensors", "red", "blue", steps=15)
+    quick = lora.read_lora(path, demo_loras.pipe.transformer)
+    shipped = lora.read_lora(SHIPPED / "red-to-blue.safetensors", demo_loras.pipe.transformer)
+    assert set(quick.weights) == set(shipped.weights)
+    assert all(quick.weights[k][0].shape == shipped.weights[k][0].shape for k in quick.weights)
+    assert any(bool(quick.weights[k][1].abs().max() > 0) for k in quick.weights)  # lora_B starts at zero: it trained

@@ -328,10 +328,15 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"device/dtype     {meta['device']} / {meta['dtype']}")
     click.echo(f"seconds          {meta['seconds']}")
     click.echo(f"software         {meta['software']}")
+    loras = meta.get("loras") or []
+    if loras:
+        click.echo(
+            "loras            " + ", ".join(f"{x['name']}:{x['strength']:g} ({x['sha256'][:10]})" for x in loras)
+        )
     click.echo(
         f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} "
         f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
-        f"--seed {p['seed']}"
+        f"--seed {p['seed']}" + "".join(f" --lora {json.dumps(x['name'])}:{x['strength']:g}" for x in loras)
     )
 
 

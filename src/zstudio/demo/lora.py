@@ -57,8 +57,8 @@ def training_data(source: str, target: str, seed: int) -> tuple[list[Scene], lis
     return drawn, captions, taught
 
 
-def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed: int = 0, steps: int = 150,
-               batch: int = 32, lr: float = 2e-3) -> Path:  # fmt: skip
+def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed: int = 0, steps: int = 200,
+               batch: int = 16, lr: float = 3e-3, targets: str | list[str] = TARGETS) -> Path:  # fmt: skip
     """Train on the embedded demo model and write the LoRA to `out` (diffusers/PEFT layout)."""
     from diffusers import ZImagePipeline
     from peft import LoraConfig
@@ -80,7 +80,8 @@ def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed:
     features, lengths = encode_captions(pipe, captions)
     transformer = pipe.transformer
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights="gaussian"))
+    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights="gaussian")
+    transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default="red", help="the colour the prompt names")
     parser.add_argument("--target", default="blue", help="the colour the LoRA paints instead")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(train_lora(args.out, args.source, args.target, args.seed, args.steps))
