@@ -87,6 +87,9 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--dtype", help="auto, bfloat16, float16 or float32 [env ZSTUDIO_DTYPE].")
 @click.option("--speed", help="auto, eager, exact, fast or fastest (fp8, approximate) [env ZSTUDIO_SPEED].")
 @click.option("--memory", help="auto, resident, offload-text, 8bit, stream or lowest [env ZSTUDIO_MEMORY].")
+@click.option("--lora", "loras", multiple=True, metavar="NAME[:STRENGTH]",
+              help="A LoRA (a name from `zstudio loras`, a .safetensors file or a hub repo id) and its strength "
+              "(-2..2, default 1); repeatable. Prompt tags <lora:NAME:0.8> work too.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
 def generate(
     prompt: str,
@@ -107,6 +110,7 @@ def generate(
     dtype,
     speed,
     memory,
+    loras,
     as_json: bool,
     **edit_fields,
 ) -> None:
@@ -128,6 +132,7 @@ def generate(
             max_sequence_length=max_tokens,
             output_format=output_format,
             **edit_fields,  # from `zstudio edit`
+            loras=tuple(_lora_option(text) for text in loras),
         )
         generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed, memory=memory)
         generator.resolve_source()
@@ -196,6 +201,33 @@ def edit(ctx: click.Context, image: Path, prompt: str, mask, strength, outpaint,
 
 
 edit.params.extend(p for p in generate.params if p.name != "prompt")  # the generation options, defined once
+
+
+def _lora_option(text: str) -> tuple[str, float]:
+    """NAME[:STRENGTH]; a name may hold colons (C:\\x.safetensors) when what follows the last is not a number."""
+    name, _, strength = text.rpartition(":")
+    try:
+        return (name, float(strength)) if name else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+@main.command("loras")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def loras_command(as_json: bool) -> None:
+    """List the LoRAs in the LoRA folder [env ZSTUDIO_LORAS, ./loras]."""
+    from .lora import LoraFolder
+    from .settings import load_settings
+
+    folder = LoraFolder(load_settings().loras)
+    files = _run(folder.available)
+    if as_json:
+        click.echo(json.dumps([f.describe() for f in files], indent=2))
+        return
+    if not files:
+        click.echo(f"no LoRAs in {folder.folder} (put .safetensors files there, or set ZSTUDIO_LORAS)", err=True)
+    for f in files:
+        click.echo(f"{f.name}\t{f.size / 1e6:.1f} MB\t{f.path}")
 
 
 def _bar_updater(bar):
@@ -328,8 +360,14 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"device/dtype     {meta['device']} / {meta['dtype']}")
     click.echo(f"seconds          {meta['seconds']}")
     click.echo(f"software         {meta['software']}")
+    loras = meta.get("loras") or []
+    if loras:
+        click.echo(
+            "loras            " + ", ".join(f"{x['name']}:{x['strength']:g} ({x['sha256'][:10]})" for x in loras)
+        )
     options = (f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
                f"--seed {p['seed']}")  # fmt: skip
+    options += "".join(f" --lora {json.dumps(x['name'])}:{x['strength']:g}" for x in loras)
     if not p.get("image"):
         click.echo(f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} {options}")
         return

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__, edit, models
+from . import __version__, edit, lora, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import (
     EIGHT_BIT,
@@ -112,6 +112,7 @@ class Generator:
         # Folders whose input files a picture's record names by file name alone (a server's uploads and outputs, which
         # its API accepts by name): the server's own paths never travel inside the pictures it serves.
         self.named_input_folders: set[Path] = set()
+        self.loras = lora.LoadedLoras(lora.LoraFolder(self.settings.loras))
 
     # ----------------------------------------------------------------------------------------- loading
     def resolve_source(self, download: bool = True) -> models.ModelSource:
@@ -307,6 +308,7 @@ class Generator:
         if source is not None:
             params = source.params
         self.load()
+        params = lora.take_prompt_loras(params)  # `<lora:name:0.8>` tags leave the prompt for params.loras
         params = self.profile.resolve(params)  # the model's defaults; refuses sizes it cannot draw
         with self._lock:
             if (result := self._attempt(params, progress, source)) is not None:
@@ -359,6 +361,7 @@ class Generator:
             if getattr(self.pipe.transformer, "_zstudio_8bit", None) and mode not in EIGHT_BIT:
                 log.info("reloading the transformer's bf16 weights for memory mode %s", mode)
                 self.pipe.transformer = None
+                self.loras.forget()
                 free_after_failure(self.device)
                 self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
                 apply_speed(self.pipe, self.speed, graphs="off")
@@ -382,6 +385,7 @@ class Generator:
             params = params.replace(seed=seeds[0])
             guided = params.cfg_scale > 0
 
+            loras = self.apply_loras(params)
             cond = self.encode_prompt(params.prompt, params.max_sequence_length)
             uncond = self.encode_prompt(params.negative_prompt, params.max_sequence_length) if guided else None
             t_encoded = time.perf_counter()
@@ -413,6 +417,8 @@ class Generator:
             for meta in metadata:
                 meta["transformer_evaluations"] = len(timesteps)  # a strength below 1 skips the first steps
                 meta["edit"] = source.recipe
+        for record in metadata:
+            record["loras"] = [a.describe() for a in loras]
         return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
 
     def save(self, result: GenerationResult, output_dir: str | Path | None = None) -> list[Path]:
@@ -445,6 +451,21 @@ class Generator:
         """Image i of a batch uses seed+i, so any one image can be re-made alone with its own seed."""
         first = params.seed if params.seed != -1 else secrets.randbelow(MAX_SEED + 2 - params.num_images)
         return [first + i for i in range(params.num_images)]
+
+    def apply_loras(self, params: GenerationParams) -> list[lora.ActiveLora]:
+        """Bring the transformer to the request's LoRA set (loaded once per file, then switched by strengths; fused
+        into the weights in the compiled modes, so no graph changes). 8-bit weights take none: refused in one line."""
+        eight_bit = getattr(self.pipe.transformer, "_zstudio_8bit", None) or self.speed == "fastest"
+        self.loras.refuse = (
+            f"LoRAs do not combine with 8-bit transformer weights (memory mode {self.memory}, speed {self.speed}); "
+            "use --memory resident or offload-text and --speed fast or exact"
+            if eight_bit
+            else None
+        )
+        if self.loras.fused != self.compiled:
+            self.loras.reset(self.pipe)
+            self.loras.fused = self.compiled
+        return self.loras.apply(self.pipe, params.loras)
 
     def encode_prompt(self, text: str, max_sequence_length: int) -> PromptEmbedding:
         """Qwen3's second-to-last hidden states of the chat-wrapped prompt, without padding.

@@ -39,8 +39,12 @@ def a1111_text(meta: dict[str, Any]) -> str:
         fields["Denoising strength"] = p["strength"]
         if (meta.get("edit") or {}).get("mask"):
             fields["Mask blur"] = p["mask_blur"]
+    loras = meta.get("loras") or []
+    prompt = " ".join([p["prompt"], *(f"<lora:{x['name']}:{x['strength']:g}>" for x in loras)])
+    if loras:  # A1111's field: the first 10 hex characters of each file's SHA-256
+        fields["Lora hashes"] = '"' + ", ".join(f"{x['name']}: {x['sha256'][:10]}" for x in loras) + '"'
     line = ", ".join(f"{k}: {v}" for k, v in fields.items())
-    return f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\n{line}"
+    return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n{line}"
 
 
 def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:

@@ -24,6 +24,8 @@ MAX_SEQUENCE_LENGTH = 512
 # so longer text only bloats the history and every PNG's metadata.
 MAX_PROMPT_CHARS = 8000
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_LORAS = 8  # LoRAs per request (zstudio.lora); each strength within ±MAX_LORA_STRENGTH
+MAX_LORA_STRENGTH = 2.0
 
 # Editing a picture (zstudio.edit). Inputs are capped before they are decoded: a small file can claim billions of
 # pixels (a decompression bomb). 50 MP covers today's phone and camera photos; Pillow's own limit (~89 MP) is the
@@ -146,6 +148,32 @@ def _check_int_range(name: str, value: Any, low: int, high: int) -> None:
         raise ParamError(name, f"{value} is outside {low}-{high}")
 
 
+def _check_loras(value: Any) -> tuple[tuple[str, float], ...]:
+    """(name, strength) pairs from tuples, [name, strength] lists or {"name", "strength"} dicts (JSON)."""
+    if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+        raise ParamError("loras", f"must be a list of [name, strength] pairs, got {value!r}")
+    if len(value) > MAX_LORAS:
+        raise ParamError("loras", f"{len(value)} LoRAs; at most {MAX_LORAS} are allowed")
+    pairs = []
+    for item in value:
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"name", "strength"})
+            if unknown or "name" not in item:
+                raise ParamError("loras", f"{item!r}: give {{'name': ..., 'strength': ...}}")
+            item = (item["name"], item.get("strength", 1.0))
+        if isinstance(item, str) or not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ParamError("loras", f"{item!r} is not a [name, strength] pair")
+        name, strength = item
+        if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 300:
+            raise ParamError("loras", f"name {name!r} must be non-empty printable text of at most 300 characters")
+        bad = isinstance(strength, bool) or not isinstance(strength, (int, float))
+        if bad or not -MAX_LORA_STRENGTH <= strength <= MAX_LORA_STRENGTH:  # NaN fails the range too
+            raise ParamError("loras", f"strength {strength!r} of LoRA {name!r} is outside "
+                                      f"{-MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}")  # fmt: skip
+        pairs.append((name.strip(), float(strength)))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything that decides a picture. `None` means "the model profile's default"."""
@@ -175,6 +203,7 @@ class GenerationParams:
     strength: float | None = None
     outpaint: dict[str, int] | None = None
     mask_blur: int = DEFAULT_MASK_BLUR
+    loras: tuple[tuple[str, float], ...] = ()  # (name, strength): a LoRA folder name, file or hub id (zstudio.lora)
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt, required=True)
@@ -213,6 +242,7 @@ class GenerationParams:
         object.__setattr__(self, "output_format", fmt)
         _check_number("cfg_normalization", self.cfg_normalization, 0, 10, " (0 = off)")
         _check_number("cfg_truncation", self.cfg_truncation, 0, 1)
+        object.__setattr__(self, "loras", _check_loras(self.loras))
         self._check_edit()
 
     def _check_edit(self) -> None:
@@ -281,4 +311,6 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["loras"] = [{"name": name, "strength": strength} for name, strength in self.loras]
+        return data

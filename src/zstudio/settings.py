@@ -14,6 +14,7 @@
 | ZSTUDIO_TOKEN     | API/UI token of `zstudio serve` (16+ characters)              | none (loopback only)        |
 | ZSTUDIO_MAX_MEGAPIXEL_STEPS | per-request work limit: width x height x steps x images / 1e6 | 500         |
 | ZSTUDIO_UPSCALERS | upscaler model files or folders of them, separated by `:` (`;` on Windows) | none (Lanczos) |
+| ZSTUDIO_LORAS     | the LoRA folder (`*.safetensors`, see zstudio.lora)            | ./loras                     |
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Settings:
     state_dir: Path = Path("~/.local/state/zstudio").expanduser()
     max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS
     upscalers: tuple[str, ...] = ()
+    loras: Path = Path("loras")
 
 
 def load_settings() -> Settings:
@@ -62,6 +64,7 @@ def load_settings() -> Settings:
         state_dir=Path(state),
         max_megapixel_steps=_positive_number("ZSTUDIO_MAX_MEGAPIXEL_STEPS", DEFAULT_MAX_MEGAPIXEL_STEPS),
         upscalers=tuple(p for p in (os.environ.get("ZSTUDIO_UPSCALERS") or "").split(os.pathsep) if p),
+        loras=Path(os.environ.get("ZSTUDIO_LORAS") or "loras"),
     )
 
 

@@ -44,6 +44,7 @@ from .protocol import (
     Health,
     HistoryPage,
     InvalidRequest,
+    LoraList,
     OpenAIEditRequest,
     OpenAIError,
     OpenAIImageRequest,
@@ -263,7 +264,7 @@ def is_multipart(scope: Scope) -> bool:
 def multipart_doc(model: type[BaseModel], files: dict[str, str], params_part: bool = True) -> dict[str, Any]:
     """`openapi_extra` documenting a multipart body: the files, and the other fields as form fields (or, with
     `params_part`, as one `params` part holding the JSON body)."""
-    schema = model.model_json_schema()
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")  # nested types: components
     properties = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
     if params_part:
         properties["params"] = {"type": "string", "description": f"The JSON body ({model.__name__}) as one part; or "
@@ -499,6 +500,12 @@ def build_router(studio: Studio) -> APIRouter:
         with the new image's name, URL and recipe. Bounded by the upscaler's limits (results up to 8192 px a side
         and 64 MP); `model` is a name from GET /api/v1/upscalers, never a path."""
         return upscale(body)
+
+    @router.get("/api/v1/loras", tags=["loras"], responses=answers(LoraList))
+    def loras():
+        """The LoRAs requests may name (the LoRA folder, rescanned now: --loras / ZSTUDIO_LORAS)."""
+        files = studio.queue.generator.loras.folder.available()
+        return {"loras": [{"name": f.name, "size_mb": round(f.size / 1e6, 2)} for f in files]}
 
     @router.get("/api/v1/upscalers", tags=["upscale"], responses=answers(UpscalerList))
     def upscalers():

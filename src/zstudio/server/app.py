@@ -75,6 +75,7 @@ def create_app(
     queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting,
                      max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
     generator.named_input_folders |= {outputs.resolve(), (state / "inputs").resolve()}
+    generator.loras.folder.folder_only = True  # clients name LoRAs of the folder, not server files or hub repos
     studio = Studio(queue, outputs, inputs=state / "inputs", max_input_bytes=max_input_bytes, upscalers=upscalers)
     mcp_server = build_mcp_server(LocalStudio(studio))
     mcp_route = http_route(mcp_server)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..cancel import cancellable
 from ..engine import GenerationCancelled, GenerationResult, Generator
+from ..lora import take_prompt_loras
 from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, GenerationParams, ParamError
 from .history import FINAL, History
 
@@ -203,6 +204,8 @@ class JobQueue:
         # A size the model cannot draw, or too much work, is refused now rather than failed after queueing.
         resolved = self.generator.profile.resolve(params)
         resolved.check_cost(self.max_megapixel_steps)
+        for name, _ in take_prompt_loras(params).loras:  # an unknown LoRA is refused now, as the field it came in
+            self.generator.loras.folder.find(name)
         total = resolved.num_inference_steps
         reason = self.unavailable()
         if reason:

@@ -198,13 +198,28 @@ def generation_signature() -> inspect.Signature:
     value of any kind is its one-line error naming the field."""
     fields = []
     for name, info in GenerationRequest.model_fields.items():
-        schema = {**TypeAdapter(info.annotation).json_schema(), **(info.json_schema_extra or {})}
+        schema = {**inline_refs(TypeAdapter(info.annotation).json_schema()), **(info.json_schema_extra or {})}
         if info.description:
             schema["description"] = info.description
         default = inspect.Parameter.empty if info.is_required() else info.default
         annotation = Annotated[Any, WithJsonSchema(schema)]
         fields.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return inspect.Signature(fields, return_annotation=CallToolResult)
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema with its `$defs` written in place: a tool parameter's schema stands alone (`loras`' item type)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(item) for item in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
 def build_mcp_server(backend: LocalStudio | RemoteStudio) -> MCPServer:

@@ -15,6 +15,8 @@ from ..params import (
     DEFAULT_MASK_BLUR,
     MAX_CFG,
     MAX_IMAGES,
+    MAX_LORA_STRENGTH,
+    MAX_LORAS,
     MAX_MASK_BLUR,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -35,6 +37,15 @@ def documented(**schema) -> dict:
 
 SIDE = documented(minimum=MIN_SIDE, maximum=MAX_SIDE, multipleOf=SIDE_MULTIPLE)
 PROMPT = documented(maxLength=MAX_PROMPT_CHARS)
+
+
+class LoraChoice(BaseModel):
+    """One LoRA of a request: a name from GET /api/v1/loras (or a Hugging Face repo id) and its strength."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(**documented(minLength=1, maxLength=300), examples=["red-to-blue"])
+    strength: float = Field(1.0, **documented(minimum=-MAX_LORA_STRENGTH, maximum=MAX_LORA_STRENGTH))
 
 
 class GenerationRequest(BaseModel):
@@ -65,6 +76,8 @@ class GenerationRequest(BaseModel):
                                             "repainted.", examples=[{"left": 128}])  # fmt: skip
     mask_blur: int = Field(DEFAULT_MASK_BLUR, description="Pixels of soft edge where repainted meets kept.",
                            **documented(minimum=0, maximum=MAX_MASK_BLUR))  # fmt: skip
+    loras: list[LoraChoice] = Field([], description="LoRAs to apply, each with its strength; `<lora:name:0.8>` tags "
+                                    "in the prompt are added to these.", **documented(maxItems=MAX_LORAS))  # fmt: skip
 
 
 class OpenAIImageRequest(BaseModel):
@@ -182,6 +195,15 @@ class UpscalerInfo(BaseModel):
 
 class UpscalerList(BaseModel):
     upscalers: list[UpscalerInfo]
+
+
+class LoraInfo(BaseModel):
+    name: str = Field(description="What `loras[].name` and `<lora:name:0.8>` take.", examples=["red-to-blue"])
+    size_mb: float
+
+
+class LoraList(BaseModel):
+    loras: list[LoraInfo]
 
 
 class QueueState(BaseModel):
