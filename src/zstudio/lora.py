@@ -421,6 +421,9 @@ class LoadedLoras:
         adapter = f"lora_{sha[:16]}"
         if not self.fused:
             pipe.load_lora_weights(peft_state_dict(layers), adapter_name=adapter)
+        else:  # the factors live beside the weights (rank x width: small), so a switch copies only the originals
+            device = next(pipe.transformer.parameters()).device
+            layers.weights.update({k: (a.to(device), b.to(device)) for k, (a, b) in layers.weights.items()})
         self._loaded[sha] = _Loaded(adapter, layers)
         log.info("LoRA %s loaded: %d layers (%s layout)", file.name, len(layers.weights), layers.file_format)
         while len(self._loaded) > MAX_LOADED:
@@ -439,23 +442,35 @@ class LoadedLoras:
         pipe.set_adapters([self._loaded[sha].adapter for sha, _ in target], [s for _, s in target])
 
     def _fuse(self, pipe, target: tuple[tuple[str, float], ...]) -> None:
-        """W = W₀ + Σ strength·B·A for the touched layers (float32 sums); W₀ copied back where no LoRA applies."""
+        """W = W₀ + Σ strength·B·A for the touched layers, one layer at a time on the weights' device (float32 sums);
+        W₀ copied back where no LoRA applies. The originals are kept in pinned host memory on a GPU, so that copying
+        them back runs at the bus's full speed."""
         modules = dict(pipe.transformer.named_modules())
-        deltas: dict[str, torch.Tensor] = {}
+        wanted: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
         for sha, strength in target:
             for module_name, (a, b) in self._loaded[sha].layers.weights.items():
-                delta = strength * (b.float() @ a.float())
-                deltas[module_name] = deltas[module_name] + delta if module_name in deltas else delta
+                wanted.setdefault(module_name, []).append((strength, a, b))
         with torch.no_grad():
             for module_name in list(self._originals):
-                if module_name not in deltas:
-                    modules[module_name].weight.copy_(self._originals.pop(module_name))
-            for module_name, delta in deltas.items():
+                if module_name not in wanted:
+                    modules[module_name].weight.copy_(self._originals.pop(module_name), non_blocking=True)
+            for module_name, parts in wanted.items():
                 weight = modules[module_name].weight
                 if module_name not in self._originals:
-                    self._originals[module_name] = weight.detach().to("cpu", copy=True)
-                base = self._originals[module_name].to(weight.device, torch.float32)
-                weight.copy_(base + delta.to(weight.device))
+                    self._originals[module_name] = host_copy(weight)
+                total = self._originals[module_name].to(weight.device, torch.float32, non_blocking=True, copy=True)
+                for strength, a, b in parts:
+                    total.addmm_(b.to(weight.device, torch.float32), a.to(weight.device, torch.float32), alpha=strength)
+                weight.copy_(total)
+
+
+def host_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `weight`; pinned when it lives on a GPU."""
+    if weight.device.type != "cuda":
+        return weight.detach().to("cpu", copy=True)
+    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    copy.copy_(weight.detach())
+    return copy
 
 
 def save_peft(layers: LoraLayers, path: str | os.PathLike) -> Path:

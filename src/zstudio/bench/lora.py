@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if generator.compiled
         else timed(lambda: generator.generate_images(params(())))
     )
+    print(f"loaded in {load_s:.1f} s, warmed up in {warmup_s:.1f} s", flush=True)
     for loras in sets.values():  # loads each file once and runs each set once: first-use costs stay out of the timings
         generator.generate_images(params(loras))
     graphs_before = counters["stats"]["unique_graphs"]
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_image = [timed(lambda label=label: generator.generate_images(params(sets[label])))[0]
                      for _ in range(args.repeats)]  # fmt: skip
         report["per_image_s"][label] = stats(per_image)
+        print(f"{previous}->{label}: switch {report['switch_s'][f'{previous}->{label}']}, per image "
+              f"{report['per_image_s'][label]}", flush=True)  # fmt: skip
         previous = label
     report["graphs_compiled_while_switching"] = counters["stats"]["unique_graphs"] - graphs_before
     print(json.dumps(report, indent=2))
