@@ -29,7 +29,6 @@ from zstudio.upscale import (
     TORCHVISION_NAMES,
     UpscaleLimits,
     find_upscalers,
-    img2img_available,
     import_spandrel,
     load_upscaler,
     open_source,
@@ -288,14 +287,6 @@ def test_cli_refusals_exit_2_with_one_line_and_write_nothing(tmp_path, draft, ar
 
 
 # ---------------------------------------------------------------------------------------------------- hires fix
-@pytest.mark.skipif(img2img_available(), reason="checks the refusal while image-to-image is missing")
-def test_refine_is_refused_before_any_work_while_image_to_image_is_missing(tmp_path, draft):
-    result = invoke("upscale", draft, "--refine", "0.3", "--output-dir", tmp_path / "out")
-    assert result.exit_code == 2 and "refine: image-to-image is not in this build yet" in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.skipif(not img2img_available(), reason="GenerationParams has no image field yet (image-to-image)")
 def test_hires_fix_rerenders_the_upscaled_draft_with_its_own_recipe(generator, tmp_path):
     from conftest import SMALL
 

@@ -9,7 +9,6 @@ and size, upscaler, architecture, scale, tile, refine strength, the source's own
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -449,17 +448,9 @@ def save_result(result: UpscaleResult, directory: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- hires fix
-def img2img_available() -> bool:
-    """Whether this build's GenerationParams takes an input image (image-to-image)."""
-    names = {f.name for f in dataclasses.fields(GenerationParams)}
-    return {"image", "strength"} <= names
-
-
 def refine_request(source: SourceImage, upscaled_file: Path, size: tuple[int, int], refine: float
                    ) -> GenerationParams:  # fmt: skip
     """The image-to-image request that re-renders the upscaled draft: the draft's own recipe at the new size."""
-    if not img2img_available():
-        raise ParamError("refine", "image-to-image is not in this build yet; upscale without --refine")
     meta = source.metadata or {}
     if "params" not in meta:
         raise ParamError("refine", f"{source.path} carries no zstudio recipe (prompt, seed, ...) to re-render with; "
