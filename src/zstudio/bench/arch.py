@@ -78,3 +78,18 @@ def build_full_pipeline(device: torch.device, dtype: torch.dtype = torch.bfloat1
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+RANDOM = "random-full-size"
+
+
+def random_generator(device: str = "cuda", **kwargs):
+    """A `Generator` over `build_full_pipeline`: what the GPU benchmarks time (speed and memory do not depend on the
+    weight values). `kwargs` go to `Generator.from_pipeline` (speed, memory, outputs)."""
+    from pathlib import Path
+
+    from ..engine import Generator
+    from ..models import TURBO, ModelSource
+
+    source = ModelSource(spec=RANDOM, path=Path("."), profile=TURBO)
+    return Generator.from_pipeline(build_full_pipeline(torch.device(device)), source, **kwargs)

@@ -13,17 +13,15 @@ and reports the compiler's count of new graphs after the warm-up (editing runs t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-from .run import gpu_info
+from .run import emit, gpu_info
 from .user import Prompts, compile_count
 
 
@@ -90,17 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cpu_smoke:
         generator = Generator(model=str(args.cpu_smoke), device="cpu", speed=args.speed or "auto", outputs=out)
     else:
-        from ..models import TURBO, ModelSource
-        from .arch import build_full_pipeline
+        from .arch import random_generator
 
         report.update(gpu_info())
-        source = ModelSource(spec="random-full-size", path=Path("."), profile=TURBO)
-        pipe = build_full_pipeline(torch.device("cuda"))
-        generator = Generator.from_pipeline(pipe, source, speed=args.speed or "auto", outputs=out)
+        generator = random_generator(speed=args.speed or "auto", outputs=out)
     report.update(run(generator, size, args.strength, args.calls, out))
-    print(json.dumps(report, indent=2, default=str), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    emit(report, args.json)
     return report
 
 

@@ -11,7 +11,6 @@ request recompiled). On the CPU tests run it on the tiny checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,9 +20,8 @@ from typing import Any
 import torch
 
 from ..lora import LoraFolder
-from .run import gpu_info, stats, sync, timed
-
-RANDOM = "random-full-size"
+from .arch import RANDOM, random_generator
+from .run import emit, gpu_info, stats, sync, timed
 
 
 def random_loras(transformer, folder: Path, count: int, rank: int = 32, seed: int = 0) -> list[str]:
@@ -66,12 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     width, height = (int(v) for v in args.size.split("x"))
 
     if args.folder == RANDOM:
-        from ..models import TURBO, ModelSource
-        from .arch import build_full_pipeline
-
-        source = ModelSource(spec=RANDOM, path=Path("."), profile=TURBO)
-        load_s, pipe = timed(lambda: build_full_pipeline(torch.device(args.device or "cuda")))
-        generator = Generator.from_pipeline(pipe, source, speed=args.speed or "auto", outputs=tempfile.mkdtemp())
+        load_s, generator = timed(lambda: random_generator(args.device or "cuda", speed=args.speed or "auto",
+                                                           outputs=tempfile.mkdtemp()))  # fmt: skip
     else:
         generator = Generator(model=args.folder, speed=args.speed, device=args.device, outputs=tempfile.mkdtemp())
         load_s, _ = timed(generator.load)
@@ -125,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{report['per_image_s'][label]}", flush=True)  # fmt: skip
         previous = label
     report["graphs_compiled_while_switching"] = counters["stats"]["unique_graphs"] - graphs_before
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.json)
     return report
 
 

@@ -12,7 +12,6 @@ new mode, peak reserved memory, and the error text when it did not recover.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,15 +19,13 @@ from typing import Any
 
 import torch
 
+from .arch import random_generator
 from .memory import generate, set_cap
-from .run import gpu_info, timed
+from .run import emit, gpu_info, timed
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from ..engine import Generator
     from ..memory import NEXT_MODE
-    from ..models import TURBO, ModelSource
-    from .arch import build_full_pipeline
 
     parser = argparse.ArgumentParser(prog="python -m zstudio.bench.oom", description=__doc__)
     parser.add_argument("--start", default="resident", help="memory mode before the out-of-memory error")
@@ -43,9 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": command, **gpu_info(),
                               "start": args.start, "cap_gib": args.cap, "size": args.size,
                               "expected_next": NEXT_MODE[args.start]}  # fmt: skip
-    pipe = build_full_pipeline(torch.device("cuda"))
-    source = ModelSource(spec="random-full-size", path=Path("."), profile=TURBO)
-    generator = Generator.from_pipeline(pipe, source, speed="exact", memory="auto")
+    generator = random_generator(speed="exact", memory="auto")
     generator.switch_memory(args.start)
     set_cap(args.cap)
     torch.cuda.reset_peak_memory_stats()
@@ -59,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         error = f"{type(err).__name__}: {err}"[:2000]
         report.update(out_of_memory=True, recovered=False, mode_after=generator.memory, error=error)
     report["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    print(json.dumps(report, indent=2, default=str), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    emit(report, args.json)
     return report
 
 

@@ -33,6 +33,16 @@ STEPS = 8  # transformer evaluations: Turbo's reference sampling (diffusers 0.42
 ALL_MODES = ("diffusers", "diffusers-compile", "eager", "exact", "fast", "fastest")
 
 
+def emit(report: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """Print the report, and write it to `path` when given."""
+    text = json.dumps(report, indent=2, default=str)
+    print(text, flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return report
+
+
 def sync() -> None:
     if torch.cuda.is_available():  # bench.user's CPU smoke test runs without one
         torch.cuda.synchronize()
