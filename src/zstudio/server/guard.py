@@ -9,7 +9,8 @@ In order:
    token in its Authorization header, which a browser never adds by itself. Cross-site form posts and uploads end
    here; so does Gradio's echoing of other local origins.
 4. Bodies: at most BODY_LIMIT_BYTES (UPLOAD_LIMIT_BYTES for the UI's upload route, `input_body_limit` for the
-   routes that take pictures), with a Content-Length: refused before a byte of the body is read.
+   routes that take pictures: multipart uploads, A1111's base64 JSON), with a Content-Length: refused before a byte
+   of the body is read.
 5. Gradio's file routes: only images by name, from the outputs folder or the UI's own copies of them.
 """
 
@@ -43,7 +44,9 @@ FILE_ROUTE = re.compile(r"^/ui(/gradio_api)?/file[=/](?P<path>.*)$", re.DOTALL)
 NEEDS_TOKEN = "a valid token is required (Authorization: Bearer TOKEN, or ?token=TOKEN in the browser)"
 USE_HEADER = "send the token in an Authorization header"
 UPLOAD_ROUTE = re.compile(r"^/ui(/gradio_api)?/upload/?$")
-INPUT_ROUTE = re.compile(r"^/(api/v1/(generations|upscales)|v1/images/edits|sdapi/v1/(img2img|extra-single-image))/?$")
+# Routes that take pictures: uploaded as multipart, or (A1111's) base64 inside JSON. Other bodies stay small.
+INPUT_ROUTE = re.compile(r"^/(api/v1/(generations|upscales)|v1/images/edits)/?$")
+BASE64_INPUT_ROUTE = re.compile(r"^/sdapi/v1/(img2img|extra-single-image)/?$")
 
 
 def input_body_limit(max_input_bytes: int) -> int:
@@ -197,7 +200,9 @@ class AccessGuard:
         limit = BODY_LIMIT_BYTES
         if UPLOAD_ROUTE.match(path):
             limit = UPLOAD_LIMIT_BYTES
-        elif INPUT_ROUTE.match(path):
+        elif BASE64_INPUT_ROUTE.match(path) or (
+            INPUT_ROUTE.match(path) and headers.get("content-type", "").lower().startswith("multipart/form-data")
+        ):
             limit = self.input_limit
         length = headers.get("content-length", "0")
         if not length.isascii() or not length.isdigit():
