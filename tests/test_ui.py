@@ -31,7 +31,7 @@ def served(tiny_dir, tmp_path_factory):
 
 def test_generate_from_the_browser_and_see_history(served, tmp_path):
     page_url, outputs = served
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -41,6 +41,8 @@ def test_generate_from_the_browser_and_see_history(served, tmp_path):
         assert "embedded tiny checkpoint" not in page.inner_text("#zstudio-status")  # a real folder was given
         page.fill("#prompt textarea", "蓝色背景上的红色圆形, a red circle")
         page.get_by_role("button", name="512x512").click()
+        for side in ("width", "height"):  # the preset sets the sliders through the server: wait until it has
+            expect(page.locator(f"#{side} input[type=number]")).to_have_value("512", timeout=30_000)
         page.locator("#seed input").fill("77")
         page.click("#generate")
         page.wait_for_selector("#result img", timeout=60_000)
