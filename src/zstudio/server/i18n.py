@@ -72,6 +72,11 @@ TEXTS: dict[str, tuple[str, str]] = {
     "send_img2img": ("Send to image to image", "发送到图生图"),
     "send_inpaint": ("Send to inpaint", "发送到局部重绘"),
     "upscale_x2": ("Upscale x2", "放大 2 倍"),
+    # The LoRA accordion of the job tabs.
+    "loras": ("LoRA", "LoRA 模型"),
+    "lora": ("Name", "名称"),
+    "lora_strength": ("Strength", "强度"),
+    "refresh_loras": ("Refresh LoRAs", "刷新 LoRA 列表"),
     "rerender": ("Re-render at 1024", "以 1024 重绘"),
     # Written by the server while it runs.
     "status": (
@@ -111,6 +116,12 @@ TEXTS: dict[str, tuple[str, str]] = {
     "paint_mask": (
         "Paint the area to repaint, or give pixels to extend by.",
         "请涂抹要重绘的区域，或填写扩展的像素数。",
+    ),
+    "no_loras": (
+        "No LoRAs in `{folder}`: put `.safetensors` files there (or point `ZSTUDIO_LORAS` at another folder), then "
+        "press Refresh LoRAs.",
+        "`{folder}` 中没有 LoRA：请把 `.safetensors` 文件放到那里（或用 `ZSTUDIO_LORAS` 指定其他文件夹），"
+        "然后点击“刷新 LoRA 列表”。",
     ),
     "upscaling": ("Upscaling…", "放大中…"),
     "upscaled": (

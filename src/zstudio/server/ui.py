@@ -1,6 +1,7 @@
 """The web UI (Gradio Blocks), a thin layer over the same job queue as the HTTP API.
 
-Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. Edits go through the job queue like
+Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. The job tabs share one recipe block (steps,
+CFG, seed, images and a LoRA accordion of the LoRA folder's files). Edits go through the job queue like
 generations (so they are in the history, saved with their recipe); upscaling calls `Generator.upscale`, which takes
 the generator's lock, in the handler's thread. Every result gallery, and the history's selected entry, can be sent to
 the edit tabs.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ from .jobs import QueueFull, Unavailable
 HISTORY_PAGE = 24
 HIRES_SIDE = 1024  # "Re-render at 1024": the draft's long side after the hires fix
 HIRES_STRENGTH = 0.3  # low enough that the draft's composition stays
+LORA_ROWS = 4  # LoRA rows per tab (requests take up to params.MAX_LORAS; a record's first LORA_ROWS are restored)
+NO_LORA = "—"  # a LoRA row's empty choice
+LORA_STRENGTH = 1.0
 
 
 def status_line(studio: Studio, lang: str = "en") -> str:
@@ -77,6 +81,38 @@ def recipe_fields(prompt: str, negative: str, steps: float, cfg: float, seed: fl
         "seed": int(seed),
         "num_images": int(count),
     }
+
+
+def lora_pairs(values: Sequence[Any]) -> tuple[tuple[str, float], ...]:
+    """The LoRA rows' values (name, strength, name, strength, ...) as `GenerationParams.loras`; rows without a name
+    are left out."""
+    pairs = []
+    for name, strength in zip(values[::2], values[1::2]):
+        name = (name or "").strip()
+        if name and name != NO_LORA:
+            pairs.append((name, float(LORA_STRENGTH if strength is None else strength)))
+    return tuple(pairs)
+
+
+def lora_rows(loras: Iterable[Any] | None) -> list[Any]:
+    """A recipe's LoRAs (JSON {"name", "strength"} dicts or (name, strength) pairs) as the rows' values, the rest
+    cleared: restoring a recipe restores its LoRAs, or none."""
+    values: list[Any] = []
+    for item in list(loras or [])[:LORA_ROWS]:
+        name, strength = (item["name"], item["strength"]) if isinstance(item, dict) else item
+        values += [name, float(strength)]
+    return values + [NO_LORA, LORA_STRENGTH] * (LORA_ROWS - len(values) // 2)
+
+
+def lora_choices(studio: Studio) -> list[str]:
+    """The dropdowns' choices: the empty one, then the LoRA folder's files (rescanned now)."""
+    return [NO_LORA, *(f.name for f in studio.queue.generator.loras.folder.available())]
+
+
+def lora_note(studio: Studio, lang: str) -> str:
+    """The line the accordion shows when the LoRA folder holds none (empty when it holds some)."""
+    folder = studio.queue.generator.loras.folder
+    return "" if folder.available() else text(lang, "no_loras", folder=folder.folder.resolve())
 
 
 def run_job(studio: Studio, lang: str, make_params: Callable[[], GenerationParams], key: str = "zstudio-progress"
@@ -193,12 +229,13 @@ def recipe_of(path: str) -> dict[str, Any] | None:
 
 
 def recipe_updates(path: str) -> list[Any]:
-    """Prompt, negative prompt, steps, CFG and seed from a sent file's own recipe (unchanged where it has none)."""
+    """Prompt, negative prompt, steps, CFG, seed and the LoRA rows from a sent file's own recipe (unchanged where it
+    has none)."""
     params = recipe_of(path)
     if not params:
-        return [gr.update()] * 5
+        return [gr.update()] * (5 + 2 * LORA_ROWS)
     names = ("prompt", "negative_prompt", "num_inference_steps", "cfg_scale", "seed")
-    return [params.get(name, gr.update()) for name in names]
+    return [*(params.get(name, gr.update()) for name in names), *lora_rows(params.get("loras"))]
 
 
 def hires_request(path: str, side: int = HIRES_SIDE, strength: float = HIRES_STRENGTH) -> GenerationParams:
@@ -213,7 +250,8 @@ def hires_request(path: str, side: int = HIRES_SIDE, strength: float = HIRES_STR
 # ---------------------------------------------------------------------------------------------------- the page
 @dataclass
 class Recipe:
-    """The controls every job tab shares, in the order `recipe_fields` takes them."""
+    """The controls every job tab shares: `controls` in the order `recipe_fields` takes them, and the LoRA rows
+    (`loras`: name, strength, name, strength, ...; handlers take them last, as `lora_pairs` does)."""
 
     prompt: gr.Textbox
     negative: gr.Textbox
@@ -221,6 +259,10 @@ class Recipe:
     cfg: gr.Slider
     seed: gr.Number
     count: gr.Slider
+    loras: list[gr.components.Component]
+    lora_names: list[gr.Dropdown]
+    lora_note: gr.Markdown
+    lora_refresh: gr.Button
 
     @property
     def controls(self) -> list[gr.components.Component]:
@@ -234,9 +276,26 @@ def prompt_controls(prefix: str) -> tuple[gr.Textbox, gr.Textbox]:
     return prompt, gr.Textbox(label=I18N("negative"), lines=1, elem_id=f"{prefix}negative")
 
 
-def recipe_controls(profile: Profile, prefix: str, prompt: gr.Textbox, negative: gr.Textbox, last_seed: gr.State
-                    ) -> Recipe:  # fmt: skip
-    """Steps, CFG, seed (dice, reuse the last one) and images, with the loaded model's defaults."""
+def lora_controls(prefix: str, choices: list[str]) -> tuple[list[gr.components.Component], gr.Markdown, gr.Button]:
+    """The LoRA accordion: LORA_ROWS rows of (LoRA, strength), a refresh button and the empty-folder line. Names not
+    in the folder are kept (a restored recipe's LoRA since removed): the queue refuses them in one line."""
+    rows: list[gr.components.Component] = []
+    with gr.Accordion(I18N("loras"), open=False, elem_id=f"{prefix}loras"):
+        note = gr.Markdown(visible=len(choices) <= 1, elem_id=f"{prefix}lora-note")  # filled on load
+        for i in range(LORA_ROWS):
+            with gr.Row():
+                rows.append(gr.Dropdown(choices, value=NO_LORA, label=I18N("lora"), allow_custom_value=True,
+                                        scale=3, elem_id=f"{prefix}lora-{i}"))  # fmt: skip
+                rows.append(gr.Slider(-2, 2, value=LORA_STRENGTH, step=0.05, label=I18N("lora_strength"), scale=2,
+                                      elem_id=f"{prefix}lora-strength-{i}"))  # fmt: skip
+        refresh = gr.Button(I18N("refresh_loras"), size="sm", elem_id=f"{prefix}lora-refresh")
+    return rows, note, refresh
+
+
+def recipe_controls(profile: Profile, prefix: str, prompt: gr.Textbox, negative: gr.Textbox, last_seed: gr.State,
+                    lora_names: list[str]) -> Recipe:  # fmt: skip
+    """Steps, CFG, seed (dice, reuse the last one), images, with the loaded model's defaults, and the LoRA rows
+    (`lora_names`: the dropdowns' first choices; `build_ui` wires the refresh)."""
     with gr.Row():
         steps = gr.Slider(1, MAX_STEPS, value=profile.num_inference_steps, step=1, label=I18N("steps"),
                           elem_id=f"{prefix}steps", info=I18N("steps_info"))  # fmt: skip
@@ -246,9 +305,10 @@ def recipe_controls(profile: Profile, prefix: str, prompt: gr.Textbox, negative:
         dice = gr.Button("🎲", size="sm")
         reuse = gr.Button(I18N("reuse_seed"), size="sm")
         count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label=I18N("images"), elem_id=f"{prefix}images")
+    loras, note, refresh = lora_controls(prefix, lora_names)
     dice.click(lambda: random.randint(0, MAX_SEED - MAX_IMAGES), outputs=seed)
     reuse.click(lambda s: s if s is not None else -1, last_seed, seed)
-    return Recipe(prompt, negative, steps, cfg, seed, count)
+    return Recipe(prompt, negative, steps, cfg, seed, count, loras, loras[::2], note, refresh)
 
 
 def source_image(prefix: str) -> gr.Image:
@@ -321,6 +381,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     profile = generator.profile  # presets, aspect ratios, sliders and defaults follow the loaded model
     aspects = {name: size for name, size in ASPECT_RATIOS.items() if max(size) <= profile.max_side}
     upscalers = [upscale.LANCZOS, *upscale.find_upscalers(generator.settings.upscalers)]
+    lora_names = lora_choices(studio)
 
     with gr.Blocks(title="zstudio") as demo:
         gr.Markdown(f"# zstudio — {generator.resolve_source().label}")  # the model that runs
@@ -341,7 +402,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                               elem_id="width")  # fmt: skip
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
-                        recipe = recipe_controls(profile, "", prompt, negative, last_seed)
+                        recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
                         with gr.Row():
                             run_btn = gr.Button(I18N("generate"), variant="primary", elem_id="generate")
                             cancel_btn = gr.Button(I18N("cancel"), variant="stop")
@@ -356,7 +417,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  label=I18N("strength"), info=I18N("strength_info"),
                                                  elem_id="img2img-strength")  # fmt: skip
                         i2i_width, i2i_height = edit_size_controls(profile, "img2img-")
-                        i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed)
+                        i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed, lora_names)
                         with gr.Row():
                             i2i_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="img2img-run")
                             i2i_cancel = gr.Button(I18N("cancel"), variant="stop")
@@ -386,7 +447,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=DEFAULT_MASK_BLUR, step=1,
                                                   label=I18N("mask_blur"))  # fmt: skip
                         inp_width, inp_height = edit_size_controls(profile, "inpaint-")
-                        inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed)
+                        inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed, lora_names)
                         with gr.Row():
                             inp_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="inpaint-run")
                             inp_cancel = gr.Button(I18N("cancel"), variant="stop")
@@ -426,36 +487,39 @@ def build_ui(studio: Studio) -> gr.Blocks:
         def follows(result: ResultPanel) -> list:
             return [result.gallery, result.progress, job_id, last_seed, status_md, result.files, result.chosen]
 
-        def generate(p, neg, n_steps, g, s, n, w, h, request: gr.Request):
+        # The handlers take the request first and the LoRA rows last (`*loras`: Gradio fills positional arguments
+        # only, and injects a `gr.Request` only before any `*args`).
+        def generate(request: gr.Request, p, neg, n_steps, g, s, n, w, h, *loras):
             fields = {**recipe_fields(p, neg, n_steps, g, s, n), "width": int(w), "height": int(h)}
+            fields["loras"] = lora_pairs(loras)
             yield from run_job(studio, language(request), lambda: GenerationParams(**fields))
 
-        run_btn.click(generate, [*recipe.controls, width, height], follows(panel))
+        run_btn.click(generate, [*recipe.controls, width, height, *recipe.loras], follows(panel))
 
-        def image_to_image(p, neg, n_steps, g, s, n, image, strength, w, h, request: gr.Request):
+        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, *loras):
             lang = language(request)
             if not image:
                 raise gr.Error(text(lang, "no_image"))
-            fields = recipe_fields(p, neg, n_steps, g, s, n)
+            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
             make = lambda: edit_request(studio, fields, image, None, strength, w, h)  # noqa: E731
             yield from run_job(studio, lang, make, "img2img-progress")
 
-        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height]
+        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, *i2i.loras]
         i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
 
-        def inpaint(p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top, bottom,
-                    request: gr.Request):  # fmt: skip
+        def inpaint(request: gr.Request, p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top,
+                    bottom, *loras):  # fmt: skip
             lang = language(request)
             if not value or value.get("background") is None:
                 raise gr.Error(text(lang, "no_image"))
             extend = dict(zip(OUTPAINT_SIDES, (left, right, top, bottom)))
             if painted_mask(value.get("layers")) is None and not any(extend.values()):
                 raise gr.Error(text(lang, "paint_mask"))
-            fields = recipe_fields(p, neg, n_steps, g, s, n)
+            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
             make = lambda: inpaint_request(studio, fields, value, strength, w, h, extend, blur)  # noqa: E731
             yield from run_job(studio, lang, make, "inpaint-progress")
 
-        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint]
+        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, *inp.loras]
         inp_run.click(inpaint, inp_inputs, follows(inp_panel))
 
         def run_upscale(path, scale, model, refine, request: gr.Request):
@@ -465,6 +529,19 @@ def build_ui(studio: Studio) -> gr.Blocks:
         up_run.click(run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs)
         for cancel in (cancel_btn, i2i_cancel, inp_cancel):
             cancel.click(lambda j: queue.cancel(j) and None, job_id, None)
+
+        # The LoRA folder, rescanned on load and by any tab's refresh button: every tab's dropdowns follow it.
+        recipes = (recipe, i2i, inp)
+        lora_outputs = [*(d for r in recipes for d in r.lora_names), *(r.lora_note for r in recipes)]
+
+        def list_loras(request: gr.Request):
+            choices, note = lora_choices(studio), lora_note(studio, language(request))
+            dropdowns = [gr.Dropdown(choices=choices) for r in recipes for _ in r.lora_names]
+            return [*dropdowns, *(gr.Markdown(note, visible=bool(note)) for _ in recipes)]
+
+        for r in recipes:
+            r.lora_refresh.click(list_loras, None, lora_outputs)
+        demo.load(list_loras, None, lora_outputs)
 
         # Send a result (a gallery's chosen image, the history's selected one) to the edit tabs.
         def source(path: str | None, request: gr.Request) -> str:
@@ -491,9 +568,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except ParamError as err:
                 raise gr.Error(error_message(language(request), err)) from None
             recipe_values = [p.prompt, p.negative_prompt, p.num_inference_steps, p.cfg_scale, p.seed, 1]
-            return [path, *recipe_values, p.width, p.height, p.strength, gr.Tabs(selected="img2img")]
+            loras = lora_rows((recipe_of(path) or {}).get("loras"))  # the draft's LoRAs, re-rendered with it
+            return [path, *recipe_values, p.width, p.height, p.strength, *loras, gr.Tabs(selected="img2img")]
 
-        i2i_recipe, inp_recipe = i2i.controls[:5], inp.controls[:5]
+        i2i_recipe, inp_recipe = [*i2i.controls[:5], *i2i.loras], [*inp.controls[:5], *inp.loras]
         senders = [(r.chosen, r.sends) for r in (panel, i2i_panel, inp_panel, up_panel)]
         for chosen, sends in [*senders, (history_chosen, history_sends)]:
             sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, tabs])
@@ -502,7 +580,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs
             )
             sends.rerender.click(
-                to_rerender, chosen, [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, tabs]
+                to_rerender,
+                chosen,
+                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, tabs],
             ).success(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def load_history(page_number):
@@ -552,10 +632,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 p["num_images"],
                 p["width"],
                 p["height"],
+                *lora_rows(p.get("loras")),
                 gr.Tabs(selected="generate"),
             )
 
-        use_btn.click(use, selected, [*recipe.controls, width, height, tabs])
+        use_btn.click(use, selected, [*recipe.controls, width, height, *recipe.loras, tabs])
 
         def delete(record, page_number, request: gr.Request):
             lang = language(request)
