@@ -100,9 +100,9 @@ def test_bad_edits_are_refused_in_one_line_in_the_users_language(served, draft, 
         with pytest.raises(gr.Error) as refused:
             finish(run_job(studio, "zh", make))
         assert str(refused.value.message).startswith(message) and "\n" not in refused.value.message
-    with pytest.raises(gr.Error) as refused:  # upscales too
+    with pytest.raises(gr.Error) as refused:  # upscales too (through the studio's door: names it knows, not paths)
         finish(upscale_job(studio, "zh", draft, 2.0, "no-such-upscaler", 0))
-    assert refused.value.message.startswith("输入有误：model: 'no-such-upscaler' is neither")
+    assert refused.value.message.startswith("输入有误：model: 'no-such-upscaler' is not an upscaler of this server")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")

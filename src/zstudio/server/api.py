@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -31,7 +33,7 @@ from starlette.types import Scope
 from .. import __version__, edit
 from ..devices import free_memory_bytes
 from ..params import MAX_INPUT_BYTES, GenerationParams, ParamError, printable, resolve_size
-from ..upscale import LANCZOS, find_upscalers
+from ..upscale import LANCZOS, UpscaleResult, find_upscalers
 from .history import PAGE_BYTES
 from .inputs import IMAGE_NAME, InputStore, shown_name
 from .jobs import Job, JobQueue, QueueFull, Unavailable, describe
@@ -61,6 +63,7 @@ RETRY_AFTER_S = 5
 MAX_OFFSET = 10**9
 SSE_PING_S = 15
 DISCONNECT_POLL_S = 0.5
+log = logging.getLogger(__name__)
 
 
 class SafeJSONResponse(JSONResponse):
@@ -116,18 +119,33 @@ class Studio:
         return str(found[name].resolve())
 
     def upscale(self, body: UpscaleRequest) -> dict[str, Any]:
-        """Upscale synchronously (the generator's lock keeps it off the device while a job runs): the new image's
-        name, URL, size and recipe."""
+        """Upscale an image given by name: the new image's name, URL, size and recipe (see `run_upscale`)."""
         source = self.inputs.resolve("image", body.image)
-        model = self.upscaler(body.model)
-        reason = self.queue.unavailable()
-        if reason:
-            raise Unavailable(reason)
-        result = self.queue.generator.upscale(source, scale=body.scale, model=model, tile=body.tile,
-                                              refine=body.refine, output_dir=self.outputs)  # fmt: skip
+        result = self.run_upscale(source, body.image, body.scale, body.model, body.tile, body.refine)
         name = result.path.name
         return {"name": name, "url": f"/api/v1/images/{name}", "width": result.image.width,
                 "height": result.image.height, "seconds": result.seconds, "recipe": result.metadata}  # fmt: skip
+
+    def run_upscale(self, source: str, shown: str, scale: float, model: str | None = None, tile: int | None = None,
+                    refine: float | None = None) -> UpscaleResult:  # fmt: skip
+        """The door every upscale of the server goes through (HTTP, A1111, MCP, web UI): synchronous (the
+        generator's lock keeps it off the device while a job runs), then recorded in the history as a done entry,
+        so it is listed and deleted like a generation. `shown` is the source's name for the record, never a path.
+        A refused upscale (ParamError, Unavailable) writes nothing and records nothing."""
+        upscaler = self.upscaler(model)
+        reason = self.queue.unavailable()
+        if reason:
+            raise Unavailable(reason)
+        started = time.time()
+        result = self.queue.generator.upscale(source, scale=scale, model=upscaler, tile=tile, refine=refine,
+                                              output_dir=self.outputs)  # fmt: skip
+        try:
+            self.queue.history.add_done(uuid.uuid4().hex[:16], upscale_record(result.metadata, shown),
+                                        [result.path.name], result.seconds, started, time.time())  # fmt: skip
+        except (sqlite3.Error, OSError) as err:  # the file (its recipe inside) is made; say so rather than fail
+            log.error("upscale %s: history entry not written: %s", result.path.name,
+                      describe(err, self.queue.history.path.parent))  # fmt: skip
+        return result
 
     def delete_entry(self, job_id: str) -> dict[str, Any] | None:
         """Forget a finished job: its row (overwritten in the database file), its images and every cached copy."""
@@ -144,6 +162,22 @@ class Studio:
                             copy.unlink(missing_ok=True)
             self.queue.jobs.pop(job_id, None)
         return record
+
+
+def upscale_record(recipe: dict[str, Any], shown: str) -> dict[str, Any]:
+    """An upscale's history parameters (`protocol.UpscaleParams`) from its file's recipe; the prompt is the first
+    one found down the chain of sources (an upscale of an upscale of a draft), else empty."""
+    done = recipe["upscale"]
+    prompt, record = "", recipe
+    while isinstance(record, dict):
+        params = record.get("params")
+        if isinstance(params, dict) and isinstance(params.get("prompt"), str):
+            prompt = params["prompt"]
+            break
+        record = (record.get("source") or {}).get("metadata")
+    return {"kind": "upscale", "source": shown_name(shown), "source_sha256": recipe["source"]["sha256"],
+            "scale": done["scale"], "upscaler": done["upscaler"]["name"], "tile": done["tile"],
+            "refine": done["refine"], "width": done["width"], "height": done["height"], "prompt": prompt}  # fmt: skip
 
 
 def error_response(status: int, message: str, field: str | None = None, **headers: str) -> SafeJSONResponse:
@@ -215,6 +249,7 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
     if job is not None:
         data = {
             "id": job.id,
+            "kind": "generation",
             "status": job.status,
             "params": shown_params(job.params.to_dict()),
             "step": job.step,
@@ -230,12 +265,17 @@ def job_view(studio: Studio, job: Job | None, record: dict[str, Any] | None = No
         keys = ("id", "status", "params", "step", "total_steps", "outputs", "seeds", "seconds", "error", "created",
                 "started", "finished")  # fmt: skip
         data = {k: record[k] for k in keys}
+        data["kind"] = "upscale" if data["params"].get("kind") == "upscale" else "generation"
         data["params"] = shown_params(data["params"])
         data["position"] = None
-    data["images"] = [
-        {"url": f"/api/v1/images/{name}", "seed": seed} for name, seed in zip(data["outputs"], data["seeds"])
-    ]
+    data["images"] = [{"url": f"/api/v1/images/{name}", "seed": seed} for name, seed in output_seeds(data)]
     return data
+
+
+def output_seeds(job: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """Each output with its seed; an upscale's outputs have none (None)."""
+    seeds = job["seeds"] if job["seeds"] and len(job["seeds"]) == len(job["outputs"]) else [None] * len(job["outputs"])
+    return list(zip(job["outputs"], seeds))
 
 
 def shown_params(params: dict[str, Any]) -> dict[str, Any]:

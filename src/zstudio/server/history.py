@@ -83,6 +83,18 @@ class History:
                 (job_id, json.dumps(params, ensure_ascii=False), time.time(), total_steps),
             )
 
+    def add_done(self, job_id: str, params: dict[str, Any], outputs: list[str], seconds: float, started: float,
+                 finished: float) -> None:  # fmt: skip
+        """Record work that ran outside the queue (an upscale) as one finished row: a single insert, so no
+        restart ever finds it unfinished and tries to re-run it as a generation."""
+        stored = json.dumps(params, ensure_ascii=False), json.dumps(outputs, ensure_ascii=False)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, status, params, outputs, created, started, finished, seconds) "
+                "VALUES (?, 'done', ?, ?, ?, ?, ?, ?)",
+                (job_id, *stored, started, started, finished, seconds),
+            )
+
     def update(self, job_id: str, **fields: Any) -> None:
         for key in ("outputs", "seeds", "params"):
             if key in fields:

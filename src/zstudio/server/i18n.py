@@ -128,6 +128,17 @@ TEXTS: dict[str, tuple[str, str]] = {
         "Done: {width}x{height} in {seconds:.2f} s ({upscaler})",
         "完成：{width}x{height}，用时 {seconds:.2f} 秒（{upscaler}）",
     ),
+    "upscale_caption": ("upscale {scale:g}x · {prompt}", "放大 {scale:g}x · {prompt}"),
+    "upscale_record": (
+        "**Upscale {scale:g}x** of `{source}` · {upscaler} · refine {refine} · {width}x{height} · {seconds:.2f} s  \n"
+        "{prompt}",
+        "**放大 {scale:g}x**，来源 `{source}` · {upscaler} · 精修 {refine} · {width}x{height} · {seconds:.2f} 秒  \n"
+        "{prompt}",
+    ),
+    "source_gone": (
+        "The source {source} is no longer here: the Upscale tab has the settings; add the picture.",
+        "来源 {source} 已不在：放大页已填入设置，请添加图片。",
+    ),
     # Before an error the engine or the queue wrote (in English, naming the field and the value).
     "invalid": ("Invalid input: {error}", "输入有误：{error}"),
     "busy": ("The queue is full: {error}", "队列已满：{error}"),

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute
 
 from .. import __version__
 from ..params import GenerationParams, ParamError, printable
-from .api import IMAGE_NAME, Studio, job_view, status
+from .api import IMAGE_NAME, Studio, job_view, output_seeds, status
 from .history import PAGE_BYTES
 from .jobs import QueueFull, Unavailable
 from .protocol import GenerationRequest, UpscaleRequest
@@ -177,19 +177,21 @@ def image_content(name: str, data: bytes) -> ImageContent:
 
 
 def summary(job: dict[str, Any]) -> dict[str, Any]:
-    """A history entry as an agent reads it: what was asked, and where each image is."""
+    """A history entry as an agent reads it: what was asked (an upscale: of what, how), and where each image is."""
     p = job["params"]
-    return {
+    entry = {
         "id": job["id"],
+        "kind": job.get("kind", "generation"),
         "status": job["status"],
         "prompt": p.get("prompt"),
         "size": f"{p.get('width')}x{p.get('height')}",
         "steps": p.get("num_inference_steps"),
-        "images": [
-            {"name": name, "seed": seed, "uri": image_uri(name)} for name, seed in zip(job["outputs"], job["seeds"])
-        ],
+        "images": [{"name": name, "seed": seed, "uri": image_uri(name)} for name, seed in output_seeds(job)],
         "error": job.get("error"),
     }
+    if entry["kind"] == "upscale":
+        entry.update({k: p.get(k) for k in ("source", "scale", "upscaler", "refine")})
+    return entry
 
 
 def generation_signature() -> inspect.Signature:
@@ -275,7 +277,8 @@ def build_mcp_server(backend: LocalStudio | RemoteStudio) -> MCPServer:
         limit: Annotated[int, Field(ge=1, le=200, description="Entries to return, newest first.")] = 10,
         offset: Annotated[int, Field(ge=0, description="Entries to skip (for the next page).")] = 0,
     ) -> str:
-        """Earlier generations, newest first: prompt, size, status and each image's name, seed and resource URI."""
+        """Earlier generations and upscales, newest first: kind, prompt, size, status and each image's name, seed
+        (none for an upscale, which names its source) and resource URI."""
         try:
             page = await backend.history(limit, offset)
         except StudioError as err:

@@ -132,22 +132,44 @@ class UsedParams(GenerationRequest):
     model_config = ConfigDict(extra="allow", strict=False)
 
 
+class UpscaleParams(BaseModel):
+    """A history entry's parameters when it is an upscale: what was enlarged and how. The file's own recipe
+    (`zstudio show FILE`) holds the rest: the source's size and record, the upscaler's SHA-256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["upscale"] = Field(description="Tells an upscale's parameters from a generation's (which have none).")
+    source: str = Field(description="The source image's name: a file of the outputs folder or an upload's name.",
+                        examples=["outputs_20260101120000.png"])  # fmt: skip
+    source_sha256: str
+    scale: float
+    upscaler: str = Field(description="lanczos or an upscaler's name from GET /api/v1/upscalers.")
+    tile: int | None = Field(description="Tile side in input pixels; null for Lanczos.")
+    refine: float | None = Field(description="The hires fix's image-to-image strength, if it was refined.")
+    width: int = Field(description="The result's width in pixels.")
+    height: int = Field(description="The result's height in pixels.")
+    prompt: str = Field(description="The draft's prompt, when its file recorded one; else empty.")
+
+
 class ImageLink(BaseModel):
     url: str = Field(description="GET it for the file.", examples=["/api/v1/images/outputs_20260101120000.png"])
-    seed: int = Field(description="The seed that drew this image.", **documented(minimum=0, maximum=MAX_SEED))
+    seed: int | None = Field(description="The seed that drew this image; null for an upscale.",
+                             **documented(minimum=0, maximum=MAX_SEED))  # fmt: skip
 
 
 class Job(BaseModel):
-    """One generation, while it runs (this process) or from the history database."""
+    """One generation, while it runs (this process) or from the history database; or a finished upscale (in the
+    history only: upscales run at once, not in the queue)."""
 
     id: str
+    kind: Literal["generation", "upscale"] = Field("generation", description="What `params` describe.")
     status: JobStatus
-    params: UsedParams
+    params: UpscaleParams | UsedParams = Field(union_mode="left_to_right")
     step: int = Field(description="Transformer steps done so far.")
     total_steps: int | None = None
     outputs: list[str] = Field(description="File names in the outputs folder, once saved.")
-    seeds: list[int]
-    seconds: float | None = Field(None, description="Generation time, once done.")
+    seeds: list[int] = Field(description="One per output of a generation; none for an upscale.")
+    seconds: float | None = Field(None, description="Generation (or upscale) time, once done.")
     error: str | None = Field(None, description="Why it failed or was cancelled.")
     position: int | None = Field(None, description="Place in the queue while waiting (0 = next); else null.")
     images: list[ImageLink]

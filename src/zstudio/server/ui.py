@@ -2,9 +2,9 @@
 
 Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. The job tabs share one recipe block (steps,
 CFG, seed, images and a LoRA accordion of the LoRA folder's files). Edits go through the job queue like
-generations (so they are in the history, saved with their recipe); upscaling calls `Generator.upscale`, which takes
-the generator's lock, in the handler's thread. Every result gallery, and the history's selected entry, can be sent to
-the edit tabs.
+generations (so they are in the history, saved with their recipe); upscaling goes through `Studio.run_upscale` (the
+generator's lock, in the handler's thread; recorded in the history as a done entry). Every result gallery, and the
+history's selected entry, can be sent to the edit tabs; "Use these settings" on an upscale fills the Upscale tab.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..params import (
 )
 from .api import Studio, status
 from .i18n import I18N, language, text
+from .inputs import IMAGE_NAME
 from .jobs import QueueFull, Unavailable
 
 HISTORY_PAGE = 24
@@ -199,18 +200,34 @@ def inpaint_request(studio: Studio, recipe: dict[str, Any], editor: dict[str, An
                         outpaint if any(outpaint.values()) else None, mask_blur)  # fmt: skip
 
 
+def upscale_source(studio: Studio, path: str) -> tuple[str, str]:
+    """The file to upscale and its name for the history: a result of the outputs folder by its own name (Gradio
+    hands the handler a cache copy under the same name), anything else kept in the inputs folder by its SHA-256, so
+    "Use these settings" can find it again."""
+    name = Path(path).name
+    original = studio.outputs / name
+    if IMAGE_NAME.match(name) and original.is_file() and _same_bytes(original, Path(path)):
+        return str(original), name
+    kept = keep_file(studio, path)
+    return kept, Path(kept).name
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
 def upscale_job(studio: Studio, lang: str, path: str | None, scale: float, model: str, refine: float
                 ) -> Iterator[tuple]:  # fmt: skip
-    """Upscale through `Generator.upscale` (it waits for the generator's lock) and save beside the generations.
-    Yields (gallery, progress, output files, chosen file)."""
+    """Upscale through `Studio.run_upscale` (it waits for the generator's lock; the result lands in the history)
+    and save beside the generations. Yields (gallery, progress, output files, chosen file)."""
     if not path:
         raise gr.Error(text(lang, "no_image"))
     keep = gr.update()
     yield keep, progress_html(text(lang, "upscaling"), key="upscale-progress"), keep, keep
     try:
-        result = studio.queue.generator.upscale(path, float(scale), model, refine=float(refine or 0) or None,
-                                                output_dir=studio.outputs)  # fmt: skip
-    except ParamError as err:
+        source, name = upscale_source(studio, path)
+        result = studio.run_upscale(source, name, float(scale), model, refine=float(refine or 0) or None)
+    except (ParamError, Unavailable) as err:
         raise gr.Error(error_message(lang, err)) from None
     except OSError as err:  # a full disk, a file gone meanwhile
         raise gr.Error(text(lang, "refused", error=err)) from None
@@ -218,6 +235,42 @@ def upscale_job(studio: Studio, lang: str, path: str | None, scale: float, model
     done = text(lang, "upscaled", width=width, height=height, seconds=result.seconds, upscaler=model)
     file = str(result.path)
     yield [(file, f"{width}x{height}")], progress_html(done, key="upscale-progress"), [file], file
+
+
+def is_upscale(record: dict[str, Any]) -> bool:
+    return record["params"].get("kind") == "upscale"
+
+
+def history_caption(record: dict[str, Any], lang: str) -> str:
+    p = record["params"]
+    if is_upscale(record):
+        return f"{text(lang, 'upscale_caption', scale=p['scale'], prompt=p['prompt'][:50])} · {record['status']}"
+    return f"{p['prompt'][:60]} · {record['status']}"
+
+
+def record_text(record: dict[str, Any], lang: str) -> str:
+    """The selected history entry, described: a generation's recipe, or what an upscale enlarged and how."""
+    p, seconds = record["params"], record["seconds"] or 0
+    if is_upscale(record):
+        return text(lang, "upscale_record", scale=p["scale"], source=p["source"], upscaler=p["upscaler"],
+                    refine=p["refine"] or 0, width=p["width"], height=p["height"], seconds=seconds,
+                    prompt=p["prompt"])  # fmt: skip
+    return text(lang, "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—", width=p["width"],
+                height=p["height"], steps=p["num_inference_steps"], cfg=p["cfg_scale"], seeds=record["seeds"],
+                seconds=seconds)  # fmt: skip
+
+
+def upscale_settings(studio: Studio, record: dict[str, Any], lang: str) -> tuple[Any, Any, Any, Any]:
+    """An upscale entry's settings for the Upscale tab: its source (when still here), scale, upscaler (when still
+    known) and refine strength. A source gone is a warning; the rest is still filled."""
+    p = record["params"]
+    try:
+        image: Any = studio.inputs.resolve("image", p["source"])
+    except ParamError:
+        gr.Warning(text(lang, "source_gone", source=p["source"]))
+        image = gr.update()
+    known = p["upscaler"] == upscale.LANCZOS or p["upscaler"] in studio.upscaler_names()
+    return image, p["scale"], p["upscaler"] if known else gr.update(), p["refine"] or 0
 
 
 def recipe_of(path: str) -> dict[str, Any] | None:
@@ -585,14 +638,14 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, tabs],
             ).success(image_to_image, i2i_inputs, follows(i2i_panel))
 
-        def load_history(page_number):
+        def load_history(page_number, request: gr.Request):
+            lang = language(request)
             offset = (max(1, int(page_number or 1)) - 1) * HISTORY_PAGE
             records = queue.history.page(limit=HISTORY_PAGE, offset=offset)
             items = []
             for r in records:
-                caption = f"{r['params']['prompt'][:60]} · {r['status']}"
                 for name in r["outputs"][:1]:
-                    items.append((str(studio.outputs / name), caption))
+                    items.append((str(studio.outputs / name), history_caption(r, lang)))
             shown = [r for r in records if r["outputs"]]
             return items, shown
 
@@ -611,17 +664,20 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def select(records, evt: gr.SelectData, request: gr.Request):
             record = records[evt.index]
-            p = record["params"]
-            shown = text(language(request), "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—",
-                         width=p["width"], height=p["height"], steps=p["num_inference_steps"], cfg=p["cfg_scale"],
-                         seeds=record["seeds"], seconds=record["seconds"] or 0)  # fmt: skip
-            return record, shown, str(studio.outputs / record["outputs"][0])
+            return record, record_text(record, language(request)), str(studio.outputs / record["outputs"][0])
 
         history_gallery.select(select, history_records, [selected, history_info, history_chosen])
+        generate_controls = [*recipe.controls, width, height, *recipe.loras]
+        upscale_controls = [up_image, up_scale, up_model, up_refine]
 
         def use(record: dict[str, Any] | None, request: gr.Request):
+            """A generation's recipe into the Generate tab; an upscale's settings into the Upscale tab."""
+            lang = language(request)
             if not record:
-                raise gr.Error(text(language(request), "select_first"))
+                raise gr.Error(text(lang, "select_first"))
+            if is_upscale(record):
+                unchanged = [gr.update()] * len(generate_controls)
+                return (*unchanged, *upscale_settings(studio, record, lang), gr.Tabs(selected="upscale"))
             p = record["params"]
             return (
                 p["prompt"],
@@ -633,10 +689,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 p["width"],
                 p["height"],
                 *lora_rows(p.get("loras")),
+                *[gr.update()] * len(upscale_controls),
                 gr.Tabs(selected="generate"),
             )
 
-        use_btn.click(use, selected, [*recipe.controls, width, height, *recipe.loras, tabs])
+        use_btn.click(use, selected, [*generate_controls, *upscale_controls, tabs])
 
         def delete(record, page_number, request: gr.Request):
             lang = language(request)
@@ -646,7 +703,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 studio.delete_entry(record["id"])
             except Exception as err:  # still running: say so
                 raise gr.Error(text(lang, "refused", error=getattr(err, "detail", err))) from None
-            items, shown = load_history(page_number)
+            items, shown = load_history(page_number, request)
             return items, shown, None, None, text(lang, "deleted", id=record["id"])
 
         delete_btn.click(
