@@ -364,6 +364,14 @@ def recipe_controls(profile: Profile, prefix: str, prompt: gr.Textbox, negative:
     return Recipe(prompt, negative, steps, cfg, seed, count, loras, loras[::2], note, refresh)
 
 
+def run_buttons(label: str, elem_id: str) -> tuple[gr.Button, gr.Button]:
+    """A tab's run button and its cancel button, side by side."""
+    with gr.Row():
+        run = gr.Button(I18N(label), variant="primary", elem_id=elem_id)
+        cancel = gr.Button(I18N("cancel"), variant="stop")
+    return run, cancel
+
+
 def source_image(prefix: str) -> gr.Image:
     """An upload box that hands the handler the file itself (its bytes, so its hash and recipe, unchanged)."""
     return gr.Image(label=I18N("source_image"), type="filepath", sources=["upload", "clipboard"],
@@ -456,9 +464,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
                         recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
-                        with gr.Row():
-                            run_btn = gr.Button(I18N("generate"), variant="primary", elem_id="generate")
-                            cancel_btn = gr.Button(I18N("cancel"), variant="stop")
+                        run_btn, cancel_btn = run_buttons("generate", "generate")
                     with gr.Column(scale=3):
                         panel = result_panel(profile, "generate-", "zstudio-progress", "result")
             with gr.Tab(I18N("img2img_tab"), id="img2img"):
@@ -471,9 +477,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  elem_id="img2img-strength")  # fmt: skip
                         i2i_width, i2i_height = edit_size_controls(profile, "img2img-")
                         i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed, lora_names)
-                        with gr.Row():
-                            i2i_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="img2img-run")
-                            i2i_cancel = gr.Button(I18N("cancel"), variant="stop")
+                        i2i_run, i2i_cancel = run_buttons("run_edit", "img2img-run")
                     with gr.Column(scale=3):
                         i2i_panel = result_panel(profile, "img2img-", "img2img-progress", "img2img-result")
             with gr.Tab(I18N("inpaint_tab"), id="inpaint"):
@@ -501,9 +505,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                   label=I18N("mask_blur"))  # fmt: skip
                         inp_width, inp_height = edit_size_controls(profile, "inpaint-")
                         inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed, lora_names)
-                        with gr.Row():
-                            inp_run = gr.Button(I18N("run_edit"), variant="primary", elem_id="inpaint-run")
-                            inp_cancel = gr.Button(I18N("cancel"), variant="stop")
+                        inp_run, inp_cancel = run_buttons("run_edit", "inpaint-run")
                     with gr.Column(scale=3):
                         inp_panel = result_panel(profile, "inpaint-", "inpaint-progress", "inpaint-result")
             with gr.Tab(I18N("upscale_tab"), id="upscale"):
