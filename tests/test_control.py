@@ -173,3 +173,42 @@ def test_parameters_refuse_out_of_range_control(fields, field):
 def test_every_control_type_has_a_preprocessor_entry():
     assert set(CONTROL_TYPES) == {"none", *control.PREPROCESSORS}
     assert [name for name, p in control.PREPROCESSORS.items() if p.run is not None] == ["canny"]
+
+
+def test_cli_generates_with_control_and_show_prints_the_recipe(tiny_dir, shape_file, tmp_path):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    runner = CliRunner()
+    args = ["generate", "a red circle", "--model", str(tiny_dir), "--device", "cpu", "--size", "64x64", "--steps",
+            "2", "--seed", "3", "--out", str(tmp_path), "--controlnet", str(tiny_dir / CONTROLNET_FOLDER),
+            "--control", str(shape_file), "--control-type", "canny", "--control-preprocess", "--control-scale",
+            "0.7", "--control-end", "0.5"]  # fmt: skip
+    made = runner.invoke(main, args)
+    assert made.exit_code == 0, made.output
+    shown = runner.invoke(main, ["show", made.stdout.split("\t")[0]])
+    assert "made by preprocessor canny" in shown.stdout and "control scale    0.7, steps 0-0.5" in shown.stdout
+    assert "--control-type canny --control-scale 0.7 --control-start 0 --control-end 0.5 --control-preprocess" in (
+        shown.stdout)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--control-scale", "3"], "control_scale: 3.0 is outside 0-2"),
+        (["--control-type", "tile"], "control_type: 'tile' is not a type"),
+        (["--control-type", "pose", "--control-preprocess"], "preprocessor pose needs"),
+        (["--controlnet", ""], "control: needs a ControlNet"),
+    ],
+)
+def test_cli_refuses_bad_control_in_one_line_with_exit_2(tiny_dir, shape_file, tmp_path, extra, words):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    args = ["generate", "x", "--model", str(tiny_dir), "--device", "cpu", "--size", "64x64", "--out", str(tmp_path),
+            "--controlnet", str(tiny_dir / CONTROLNET_FOLDER), "--control", str(shape_file), *extra]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and words in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing saved

@@ -193,8 +193,9 @@ def validate(
                                     "e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0")  # fmt: skip
     kind = params.control_type or "none"
     if kind != "none" and kind not in controlnet.types:
+        known = ", ".join(controlnet.types)
         raise ParamError("control_type", f"{kind!r} is not a type ControlNet {controlnet.name} was trained on "
-                                         f"({', '.join(controlnet.types)}; 'none' passes the image as given)")  # fmt: skip
+                                         f"({known}; 'none' passes the image as given)")  # fmt: skip
     name = preprocessor_of(params)
     if name is not None and PREPROCESSORS[name].run is None:
         raise ParamError("control_preprocess", f"preprocessor {name} needs {PREPROCESSORS[name].needs}; "

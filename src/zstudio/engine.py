@@ -67,7 +67,7 @@ class ImageStart:
 
 @dataclass
 class ControlHint:
-    """A request's control image as the ControlNet takes it (diffusers' ZImageControlNetPipeline), and where it applies."""
+    """A request's control image as the ControlNet takes it (diffusers' ZImageControlNetPipeline), and its range."""
 
     context: torch.Tensor  # (1, control_in_dim, 1, h, w): the control image's latents, zero-padded
     scale: float
@@ -376,8 +376,9 @@ class Generator:
             raise OutOfMemory(f"out of GPU memory at {where} and again in memory mode {self.memory}; "
                               "try a smaller size")  # fmt: skip
 
-    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None, source: edit.EditInput | None = None,
-                 control_input: control.ControlInput | None = None) -> GenerationResult | None:  # fmt: skip
+    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None,
+                 source: edit.EditInput | None = None, control_input: control.ControlInput | None = None
+                 ) -> GenerationResult | None:  # fmt: skip
         """One generation; None after running out of GPU memory, with what it held given back.
 
         The freeing happens after the `except` block: until then the error's traceback keeps the failed run's
