@@ -11,7 +11,16 @@ from typing import Any
 import click
 
 from . import __version__
-from .params import ASPECT_RATIOS, DEFAULT_MASK_BLUR, MAX_INPUT_BYTES, PRESETS, ParamError, resolve_size
+from .params import (
+    ASPECT_RATIOS,
+    CONTROL_TYPES,
+    DEFAULT_CONTROL_SCALE,
+    DEFAULT_MASK_BLUR,
+    MAX_INPUT_BYTES,
+    PRESETS,
+    ParamError,
+    resolve_size,
+)
 
 SIZE_NAMES = ", ".join([*PRESETS, *ASPECT_RATIOS])
 
@@ -90,6 +99,19 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--lora", "loras", multiple=True, metavar="NAME[:STRENGTH]",
               help="A LoRA (a name from `zstudio loras`, a .safetensors file or a hub repo id) and its strength "
               "(-2..2, default 1); repeatable. Prompt tags <lora:NAME:0.8> work too.")  # fmt: skip
+@click.option("--control", type=click.Path(dir_okay=False, path_type=Path), help="A control image for the "
+              "ControlNet, fitted to the output size (cover, then centre-crop; never stretched).")  # fmt: skip
+@click.option("--control-type", help=f"What --control shows: {', '.join(CONTROL_TYPES)} (none = use as given).")
+@click.option("--control-preprocess", is_flag=True, help="--control is a plain picture: make the --control-type "
+              "image from it (canny built in; the others need weights zstudio does not load yet).")  # fmt: skip
+@click.option("--control-scale", type=float, default=DEFAULT_CONTROL_SCALE, show_default=True,
+              help="0-2, how strongly the ControlNet steers (0 = not at all).")  # fmt: skip
+@click.option("--control-start", type=float, default=0.0, show_default=True, help="0-1, share of the schedule "
+              "where control starts.")  # fmt: skip
+@click.option("--control-end", type=float, default=1.0, show_default=True, help="0-1, where it ends.")
+@click.option("--controlnet", help="ControlNet weights: hub id, folder or .safetensors file, e.g. "
+              "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0/Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors; "
+              "for the tiny checkpoint, its controlnet/ folder [env ZSTUDIO_CONTROLNET].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of lines.")
 def generate(
     prompt: str,
@@ -111,6 +133,13 @@ def generate(
     speed,
     memory,
     loras,
+    control,
+    control_type,
+    control_preprocess,
+    control_scale,
+    control_start,
+    control_end,
+    controlnet,
     as_json: bool,
     **edit_fields,
 ) -> None:
@@ -133,8 +162,15 @@ def generate(
             output_format=output_format,
             **edit_fields,  # from `zstudio edit`
             loras=tuple(_lora_option(text) for text in loras),
+            control=str(control) if control else None,
+            control_type=control_type,
+            control_preprocess=control_preprocess,
+            control_scale=control_scale,
+            control_start=control_start,
+            control_end=control_end,
         )
-        generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed, memory=memory)
+        generator = Generator(model=model, device=device, dtype=dtype, outputs=out, speed=speed, memory=memory,
+                              controlnet=controlnet)  # fmt: skip
         generator.resolve_source()
         bar = None
         if not as_json and sys.stderr.isatty():
@@ -368,6 +404,7 @@ def show(file: Path, as_json: bool) -> None:
     options = (f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
                f"--seed {p['seed']}")  # fmt: skip
     options += "".join(f" --lora {json.dumps(x['name'])}:{x['strength']:g}" for x in loras)
+    options += _show_control(meta)
     if not p.get("image"):
         click.echo(f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} {options}")
         return
@@ -390,6 +427,23 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"remake           zstudio edit {json.dumps(p['image'], ensure_ascii=False)} "
                f"{json.dumps(p['prompt'], ensure_ascii=False)} {options} --strength {p['strength']}{extra} "
                f"--mask-blur {p['mask_blur']}")  # fmt: skip
+
+
+def _show_control(meta: dict) -> str:
+    """Print an image's control recipe; return the options that remake it."""
+    recipe, p = meta.get("control"), meta["params"]
+    if not recipe:
+        return ""
+    made = f", made by preprocessor {recipe['preprocessor']}" if recipe.get("preprocessor") else ""
+    click.echo(f"control          {p['control']} ({recipe['type']}{made})")
+    click.echo(f"control sha256   {recipe['sha256']}"
+               + (f" (source {recipe['source_sha256']})" if recipe.get("source_sha256") else ""))  # fmt: skip
+    click.echo(f"control scale    {recipe['scale']:g}, steps {recipe['start']:g}-{recipe['end']:g} of the schedule")
+    click.echo(f"controlnet       {recipe['controlnet']}")
+    options = (f" --controlnet {json.dumps(recipe['controlnet'])} --control {json.dumps(p['control'])} "
+               f"--control-type {recipe['type']} --control-scale {recipe['scale']:g} "
+               f"--control-start {recipe['start']:g} --control-end {recipe['end']:g}")  # fmt: skip
+    return options + (" --control-preprocess" if recipe.get("preprocessor") else "")
 
 
 # ---------------------------------------------------------------------------------------------------------- upscale

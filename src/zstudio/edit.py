@@ -271,10 +271,10 @@ def parse_outpaint(text: str | None) -> dict[str, int] | None:
 
 
 def store_inputs(fields: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`image` and `mask` given as PIL images become content-addressed PNG files under `folder` (parameters hold
-    paths, so they stay JSON); paths become strings. Other fields pass through."""
+    """`image`, `mask` and `control` given as PIL images become content-addressed PNG files under `folder`
+    (parameters hold paths, so they stay JSON); paths become strings. Other fields pass through."""
     fields = dict(fields)
-    for name in ("image", "mask"):
+    for name in ("image", "mask", "control"):
         value = fields.get(name)
         if isinstance(value, Image.Image):
             fields[name] = str(_store_png(value, folder))

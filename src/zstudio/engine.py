@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__, edit, lora, models
+from . import __version__, control, edit, lora, models
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import (
     EIGHT_BIT,
@@ -34,7 +34,7 @@ from .memory import (
     free_after_failure,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
-from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, check_choice
+from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, ParamError, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
 from .speed import GRAPH_CHOICES, apply_speed, choose_speed
 
@@ -66,6 +66,16 @@ class ImageStart:
 
 
 @dataclass
+class ControlHint:
+    """A request's control image as the ControlNet takes it (diffusers' ZImageControlNetPipeline), and its range."""
+
+    context: torch.Tensor  # (1, control_in_dim, 1, h, w): the control image's latents, zero-padded
+    scale: float
+    start: float
+    end: float
+
+
+@dataclass
 class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
@@ -86,6 +96,7 @@ class Generator:
         speed: str | None = None,
         memory: str | None = None,
         settings: Settings | None = None,
+        controlnet: str | None = None,
     ):
         self.settings = settings or load_settings()
         self._graphs = check_choice("ZSTUDIO_CUDA_GRAPHS", self.settings.cuda_graphs, GRAPH_CHOICES)
@@ -113,6 +124,9 @@ class Generator:
         # its API accepts by name): the server's own paths never travel inside the pictures it serves.
         self.named_input_folders: set[Path] = set()
         self.loras = lora.LoadedLoras(lora.LoraFolder(self.settings.loras))
+        self.controlnet_spec = controlnet or self.settings.controlnet
+        self.controlnet_source: control.ControlNetSource | None = None
+        self.controlnet = None  # diffusers' ZImageControlNetModel, loaded with the pipeline, beside its transformer
 
     # ----------------------------------------------------------------------------------------- loading
     def resolve_source(self, download: bool = True) -> models.ModelSource:
@@ -130,6 +144,24 @@ class Generator:
                                 "%s, not Z-Image pictures.", err, demo.profile.sizes_text())  # fmt: skip
                     self.source = demo
         return self.source
+
+    def resolve_controlnet(self) -> control.ControlNetSource | None:
+        """The ControlNet's weights on disk (from the HF cache, or downloaded), or None when none was asked for."""
+        if self.controlnet_source is None and self.controlnet_spec:
+            self.controlnet_source = control.resolve(self.controlnet_spec)
+        return self.controlnet_source
+
+    def validate_control(self, params: GenerationParams) -> control.ControlInput | None:
+        """A request's control image, checked and fitted to its output size before any weights load (the server
+        calls this at submit time too). Control runs on resident, uncompiled weights this round: refused otherwise."""
+        if params.control is None:
+            return None
+        controlnet = self.resolve_controlnet()
+        if controlnet is not None and (self.memory != "resident" or self.compiled):
+            raise ParamError("control", f"ControlNet runs in memory mode resident with speed eager or exact for now "
+                                        f"(this engine: {self.memory}, {self.speed})")  # fmt: skip
+        sized = self.profile.resolve(params)
+        return control.validate(params, controlnet, sized.width, sized.height)
 
     @property
     def graphs(self) -> str:
@@ -174,6 +206,8 @@ class Generator:
                 apply_memory(pipe, self.memory, self.device)
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
+                if self.resolve_controlnet() is not None:
+                    self.controlnet = control.load(self.controlnet_source, pipe.transformer, self.device, self.dtype)
                 self.load_seconds = time.perf_counter() - start
                 log.info(
                     "loaded %s on %s (%s, speed %s) in %.1f s",
@@ -245,6 +279,7 @@ class Generator:
             "dtype": dtype_name(self.dtype),
             "speed": self.speed,
             "memory_mode": self.memory,
+            "controlnet": self.controlnet_spec,
             "outputs": str(self.outputs),
         }
 
@@ -307,11 +342,17 @@ class Generator:
         source = edit.validate(params, self.profile)  # an edit's files, checked before the weights load
         if source is not None:
             params = source.params
+        control_input = self.validate_control(params)
+        if control_input is not None and source is not None and source.mask is not None:
+            raise ParamError("control", "with inpainting (a mask, transparency or an outpaint) is not built yet; "
+                                        "use control with text-to-image or image-to-image")  # fmt: skip
+        if control_input is not None:
+            params = params.replace(control=str(Path(params.control).resolve()))  # remade from any folder
         self.load()
         params = lora.take_prompt_loras(params)  # `<lora:name:0.8>` tags leave the prompt for params.loras
         params = self.profile.resolve(params)  # the model's defaults; refuses sizes it cannot draw
         with self._lock:
-            if (result := self._attempt(params, progress, source)) is not None:
+            if (result := self._attempt(params, progress, source, control_input)) is not None:
                 return result
             lower = NEXT_MODE[self.memory]
             where = f"{params.width}x{params.height} in memory mode {self.memory}"
@@ -330,19 +371,20 @@ class Generator:
                 free_after_failure(self.device)
                 raise OutOfMemory(f"out of GPU memory at {where}, and again while moving to memory mode {lower}; "
                                   f"restart with --memory {lower} or lower")  # fmt: skip
-            if (result := self._attempt(params, progress, source)) is not None:
+            if (result := self._attempt(params, progress, source, control_input)) is not None:
                 return result
             raise OutOfMemory(f"out of GPU memory at {where} and again in memory mode {self.memory}; "
                               "try a smaller size")  # fmt: skip
 
-    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None, source: edit.EditInput | None = None
+    def _attempt(self, params: GenerationParams, progress: ProgressCallback | None,
+                 source: edit.EditInput | None = None, control_input: control.ControlInput | None = None
                  ) -> GenerationResult | None:  # fmt: skip
         """One generation; None after running out of GPU memory, with what it held given back.
 
         The freeing happens after the `except` block: until then the error's traceback keeps the failed run's
         tensors alive."""
         try:
-            return self._generate_images(params, progress, source)
+            return self._generate_images(params, progress, source, control_input)
         except torch.cuda.OutOfMemoryError:
             pass
         free_after_failure(self.device)
@@ -378,7 +420,8 @@ class Generator:
             free_after_failure(self.device)
 
     def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None,
-                         source: edit.EditInput | None = None) -> GenerationResult:  # fmt: skip
+                         source: edit.EditInput | None = None, control_input: control.ControlInput | None = None
+                         ) -> GenerationResult:  # fmt: skip
         with torch.inference_mode():
             start = time.perf_counter()
             seeds = self.pick_seeds(params)
@@ -396,7 +439,8 @@ class Generator:
             image_start = self.encode_image(source, seeds, timesteps) if source is not None else None
             if image_start is not None:
                 latents = image_start.latents  # an edit starts from its noised source, not from pure noise
-            latents = self.denoise(latents, timesteps, cond, uncond, params, progress, image_start)
+            hint = self.encode_control(control_input, params) if control_input is not None else None
+            latents = self.denoise(latents, timesteps, cond, uncond, params, progress, image_start, hint)
             self._sync()
             t_denoised = time.perf_counter()
 
@@ -417,6 +461,9 @@ class Generator:
             for meta in metadata:
                 meta["transformer_evaluations"] = len(timesteps)  # a strength below 1 skips the first steps
                 meta["edit"] = source.recipe
+        if control_input is not None:
+            for meta in metadata:
+                meta["control"] = control_input.recipe
         for record in metadata:
             record["loras"] = [a.describe() for a in loras]
         return GenerationResult(images=images, seeds=seeds, params=params, metadata=metadata, timings=timings)
@@ -542,6 +589,21 @@ class Generator:
         mask = source.latent_mask(noise.shape[-2:]).to(self.device) if source.mask is not None else None
         return ImageStart(latents=latents, noise=noise, image_latents=image_latents, mask=mask)
 
+    def encode_control(self, control_input: control.ControlInput, params: GenerationParams) -> ControlHint:
+        """The control image through the VAE once, as diffusers' ZImageControlNetPipeline does: its image processor,
+        the latent distribution's mode, shift and scale, then zeros up to the ControlNet's `control_in_dim` (the
+        inpainting channels of Union 2.x, unused without a mask)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = self.pipe.vae
+        pixels = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE).preprocess(control_input.image)
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+        missing = self.controlnet.config.control_in_dim - latents.shape[1]
+        if missing > 0:
+            latents = torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
+        return ControlHint(latents, params.control_scale, params.control_start, params.control_end)
+
     def denoise(
         self,
         latents: torch.Tensor,
@@ -551,20 +613,25 @@ class Generator:
         params: GenerationParams,
         progress: ProgressCallback | None = None,
         start: ImageStart | None = None,
+        hint: ControlHint | None = None,
     ) -> torch.Tensor:
         """Euler flow-matching steps. With cfg > 0 the negative prompt runs as a second batch rather than in the same
         one: prompts of different lengths in one batch need an attention mask, another graph for the compiler.
         Inpainting (`start` with a mask) puts the source back outside the mask after every step, noised to the next
-        step's level with the same noise, as ZImageInpaintPipeline does."""
+        step's level with the same noise, as ZImageInpaintPipeline does. With a control `hint`, every transformer
+        evaluation inside [start, end) of the schedule adds the ControlNet's hints (diffusers' ControlNet rule);
+        outside it, or at scale 0, the ControlNet is skipped: hints times 0 would add exactly nothing."""
         batch = latents.shape[0]
         t_norms = ((1000 - timesteps.float()) / 1000).tolist()
         for i, t in enumerate(timesteps):
             guidance = params.cfg_scale if t_norms[i] <= params.cfg_truncation else 0.0
             model_latents = list(latents.to(self.pipe.transformer.dtype).unsqueeze(2).unbind(0))
             timestep = (1000 - t.expand(batch)) / 1000
-            velocity = self.velocity(model_latents, timestep, cond)
+            scale = hint.scale if hint is not None and control.active(params, i, len(timesteps)) else 0.0
+            step_hint = hint if scale > 0 else None
+            velocity = self.velocity(model_latents, timestep, cond, step_hint)
             if uncond is not None and guidance > 0:
-                negative = self.velocity(model_latents, timestep, uncond)
+                negative = self.velocity(model_latents, timestep, uncond, step_hint)
                 velocity = self.apply_guidance(velocity, negative, guidance, params.cfg_normalization)
             latents = self.pipe.scheduler.step(-velocity, t, latents, return_dict=False)[0]
             if start is not None and start.mask is not None:
@@ -576,10 +643,16 @@ class Generator:
                 progress(i + 1, len(timesteps))
         return latents
 
-    def velocity(self, latents: list[torch.Tensor], timestep: torch.Tensor, prompt: PromptEmbedding) -> torch.Tensor:
-        """One transformer evaluation for a batch sharing one prompt; float32, and a copy (graph replays reuse the
-        output buffer)."""
-        out = self.pipe.transformer(latents, timestep, [prompt.embeds] * len(latents), return_dict=False)[0]
+    def velocity(self, latents: list[torch.Tensor], timestep: torch.Tensor, prompt: PromptEmbedding,
+                 hint: ControlHint | None = None) -> torch.Tensor:  # fmt: skip
+        """One transformer evaluation for a batch sharing one prompt, with the ControlNet's hints when `hint` is
+        given; float32, and a copy (graph replays reuse the output buffer)."""
+        prompts = [prompt.embeds] * len(latents)
+        samples = None
+        if hint is not None:
+            context = hint.context.to(self.controlnet.dtype).expand(len(latents), *hint.context.shape[1:])
+            samples = self.controlnet(latents, timestep, prompts, context, conditioning_scale=hint.scale)
+        out = self.pipe.transformer(latents, timestep, prompts, controlnet_block_samples=samples, return_dict=False)[0]
         return torch.stack([o.float() for o in out]).squeeze(2)
 
     @staticmethod
@@ -640,7 +713,7 @@ class Generator:
         }
 
     def _public_inputs(self, record: dict[str, Any]) -> dict[str, Any]:
-        for name in ("image", "mask"):
+        for name in ("image", "mask", "control"):
             if record.get(name) and Path(record[name]).parent in self.named_input_folders:
                 record[name] = Path(record[name]).name
         return record

@@ -36,6 +36,12 @@ OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 MAX_MASK_BLUR = 64
 DEFAULT_MASK_BLUR = 4  # pixels: diffusers' VaeImageProcessor.blur default, and A1111's
 
+# ControlNet (zstudio.control): the types a control image can be (its preprocessors' names, and "none" = as given),
+# and diffusers' ZImageControlNetPipeline default `controlnet_conditioning_scale`.
+CONTROL_TYPES = ("none", "canny", "depth", "pose", "hed", "mlsd", "lineart", "scribble", "tile")
+DEFAULT_CONTROL_SCALE = 0.75
+MAX_CONTROL_SCALE = 2.0
+
 # A request's work: width x height x steps x images, in millions. 500 admits 1024x1024 x 50 steps x 8 images and
 # 2048x2048 x 100 steps x 1 image; a server can set its own (--max-megapixel-steps).
 DEFAULT_MAX_MEGAPIXEL_STEPS = 500.0
@@ -204,6 +210,17 @@ class GenerationParams:
     outpaint: dict[str, int] | None = None
     mask_blur: int = DEFAULT_MASK_BLUR
     loras: tuple[tuple[str, float], ...] = ()  # (name, strength): a LoRA folder name, file or hub id (zstudio.lora)
+    # ControlNet (zstudio.control): `control` is the path of the control image, fitted to the output size as an edit's
+    # source is. `control_type` says what it shows (canny, depth, pose, hed, ...; None/"none" = as given);
+    # `control_preprocess` True derives it from a plain picture with the type's preprocessor (or names the
+    # preprocessor). `control_scale` multiplies the ControlNet's hints (diffusers' controlnet_conditioning_scale);
+    # control applies from `control_start` to `control_end`, shares of the schedule (diffusers' ControlNet rule).
+    control: str | None = None
+    control_type: str | None = None
+    control_preprocess: bool | str = False
+    control_scale: float = DEFAULT_CONTROL_SCALE
+    control_start: float = 0.0
+    control_end: float = 1.0
 
     def __post_init__(self) -> None:
         _check_text("prompt", self.prompt, required=True)
@@ -244,6 +261,7 @@ class GenerationParams:
         _check_number("cfg_truncation", self.cfg_truncation, 0, 1)
         object.__setattr__(self, "loras", _check_loras(self.loras))
         self._check_edit()
+        self._check_control()
 
     def _check_edit(self) -> None:
         """What can be checked without reading files; `zstudio.edit.validate` checks the files."""
@@ -267,6 +285,39 @@ class GenerationParams:
             for name in ("mask", "strength", "outpaint"):
                 if getattr(self, name) is not None:
                     raise ParamError(name, "applies only to an edit: give an image too")
+
+    def _check_control(self) -> None:
+        """Ranges and names; `zstudio.control.validate` checks the file and the loaded ControlNet."""
+        if self.control is not None and (not isinstance(self.control, str) or not self.control.strip()
+                                         or "\x00" in self.control):  # fmt: skip
+            raise ParamError("control", f"must be the path of an image file, got {self.control!r}")
+        if self.control_type is not None:
+            if not isinstance(self.control_type, str) or self.control_type.strip().lower() not in CONTROL_TYPES:
+                raise ParamError("control_type", f"{self.control_type!r} is not one of {', '.join(CONTROL_TYPES)}")
+            object.__setattr__(self, "control_type", self.control_type.strip().lower())
+        preprocess = self.control_preprocess
+        if isinstance(preprocess, str):
+            if preprocess.strip().lower() not in CONTROL_TYPES[1:]:
+                raise ParamError("control_preprocess", f"{preprocess!r} is not a preprocessor; use true or one of "
+                                                       f"{', '.join(CONTROL_TYPES[1:])}")  # fmt: skip
+            preprocess = preprocess.strip().lower()
+            if self.control_type not in (None, preprocess):
+                raise ParamError("control_preprocess", f"{preprocess} makes {preprocess} images, not "
+                                                       f"control_type {self.control_type}")  # fmt: skip
+            object.__setattr__(self, "control_preprocess", preprocess)
+            object.__setattr__(self, "control_type", preprocess)
+        elif not isinstance(preprocess, bool):
+            raise ParamError("control_preprocess", f"must be true, false or a preprocessor name, got {preprocess!r}")
+        elif preprocess and self.control_type in (None, "none"):
+            raise ParamError("control_preprocess", "needs a control_type to preprocess for (canny, depth, ...)")
+        _check_number("control_scale", self.control_scale, 0, MAX_CONTROL_SCALE, " (0 = no control)")
+        _check_number("control_start", self.control_start, 0, 1, " (a share of the schedule)")
+        _check_number("control_end", self.control_end, 0, 1, " (a share of the schedule)")
+        if self.control_start >= self.control_end:
+            raise ParamError("control_start", f"{self.control_start:g} is not before control_end "
+                                              f"{self.control_end:g}: control would apply at no step")  # fmt: skip
+        if self.control is None and (self.control_type is not None or self.control_preprocess):
+            raise ParamError("control_type", "applies only with a control image: give control too")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationParams:

@@ -15,6 +15,7 @@
 | ZSTUDIO_MAX_MEGAPIXEL_STEPS | per-request work limit: width x height x steps x images / 1e6 | 500         |
 | ZSTUDIO_UPSCALERS | upscaler model files or folders of them, separated by `:` (`;` on Windows) | none (Lanczos) |
 | ZSTUDIO_LORAS     | the LoRA folder (`*.safetensors`, see zstudio.lora)            | ./loras                     |
+| ZSTUDIO_CONTROLNET | ControlNet: hub id, folder or .safetensors (zstudio.control)  | none                        |
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Settings:
     max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS
     upscalers: tuple[str, ...] = ()
     loras: Path = Path("loras")
+    controlnet: str | None = None
 
 
 def load_settings() -> Settings:
@@ -65,6 +67,7 @@ def load_settings() -> Settings:
         max_megapixel_steps=_positive_number("ZSTUDIO_MAX_MEGAPIXEL_STEPS", DEFAULT_MAX_MEGAPIXEL_STEPS),
         upscalers=tuple(p for p in (os.environ.get("ZSTUDIO_UPSCALERS") or "").split(os.pathsep) if p),
         loras=Path(os.environ.get("ZSTUDIO_LORAS") or "loras"),
+        controlnet=os.environ.get("ZSTUDIO_CONTROLNET") or None,
     )
 
 

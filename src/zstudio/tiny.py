@@ -31,6 +31,8 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 TOKENIZER_VOCAB_SIZE = 1024
+CONTROLNET_FOLDER = "controlnet"  # the tiny ControlNet, inside the tiny checkpoint's folder
+CONTROL_IN_DIM = 33  # as Union 2.x: control latents (16) + inpainting mask (1) + masked-image latents (16)
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,33 @@ def build_text_encoder(sizes: Sizes, vocab_size: int):
     )
 
 
+def build_controlnet(sizes: Sizes):
+    """A `ZImageControlNetModel` matching `build_transformer(sizes)`, laid out as the Union 2.x releases are: control
+    blocks on transformer layers 0 and 1, a control noise refiner, and a 33-channel control input (16 control-image
+    latents, 1 inpainting mask, 16 masked-image latents). Initialised from torch's global generator."""
+    from diffusers import ZImageControlNetModel
+
+    controlnet = ZImageControlNetModel(
+        control_layers_places=list(range(sizes.n_layers)),
+        control_refiner_layers_places=list(range(sizes.n_refiner_layers)),
+        control_in_dim=CONTROL_IN_DIM,
+        add_control_noise_refiner="control_noise_refiner",
+        dim=sizes.dim,
+        n_refiner_layers=sizes.n_refiner_layers,
+        n_heads=sizes.n_heads,
+        n_kv_heads=sizes.n_heads,
+    )
+    with torch.no_grad():  # diffusers zero-initialises the hint projections; random ones make the hints count
+        for name, parameter in controlnet.named_parameters():
+            if name.endswith(("after_proj.weight", "before_proj.weight")):
+                parameter.normal_(0.0, 0.2)
+    return controlnet.eval()
+
+
 def make_tiny(directory: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny checkpoint to `directory` atomically (built aside, then renamed into place)."""
+    """Write the tiny checkpoint to `directory` atomically (built aside, then renamed into place), with a tiny
+    ControlNet for its transformer in `controlnet/`: a ControlNet folder of the real layout (config.json +
+    diffusion_pytorch_model.safetensors), loaded as `--controlnet DIR/controlnet`."""
     from diffusers import ZImagePipeline
 
     from .models import quiet_loading
@@ -183,6 +210,8 @@ def make_tiny(directory: str | os.PathLike, seed: int = 0, overwrite: bool = Fal
         pipe = ZImagePipeline(**build_components(seed))
         with quiet_loading():
             pipe.save_pretrained(staging, safe_serialization=True)
+            torch.manual_seed(seed + 3)
+            build_controlnet(TINY_SIZES).save_pretrained(staging / CONTROLNET_FOLDER, safe_serialization=True)
         (staging / "zstudio.json").write_text(
             json.dumps({"name": "zstudio-tiny", "seed": seed, "profile": "turbo"}, indent=2) + "\n"
         )

@@ -95,13 +95,14 @@ class Studio:
         (`zstudio.edit.validate`) now, so a bad file is refused before a job is queued. An edit's width and height
         are the ones it will draw (the request's, or its source's), so the queue's cost check is the real one."""
         fields = dict(fields)
-        for name in ("image", "mask"):
+        for name in ("image", "mask", "control"):
             if fields.get(name) is not None:
                 fields[name] = self.inputs.resolve(name, fields[name])
         params = GenerationParams.from_dict(fields)
         checked = edit.validate(params, self.queue.generator.profile, max_input_bytes=self.inputs.max_bytes)
         if checked is not None:
             params = params.replace(width=checked.params.width, height=checked.params.height)
+        self.queue.generator.validate_control(params)  # no ControlNet, a bad file or type: refused before queueing
         return params
 
     def upscaler_names(self) -> dict[str, Path]:

@@ -12,8 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..params import (
+    CONTROL_TYPES,
+    DEFAULT_CONTROL_SCALE,
     DEFAULT_MASK_BLUR,
     MAX_CFG,
+    MAX_CONTROL_SCALE,
     MAX_IMAGES,
     MAX_LORA_STRENGTH,
     MAX_LORAS,
@@ -78,6 +81,18 @@ class GenerationRequest(BaseModel):
                            **documented(minimum=0, maximum=MAX_MASK_BLUR))  # fmt: skip
     loras: list[LoraChoice] = Field([], description="LoRAs to apply, each with its strength; `<lora:name:0.8>` tags "
                                     "in the prompt are added to these.", **documented(maxItems=MAX_LORAS))  # fmt: skip
+    control: str | None = Field(None, description="A ControlNet control image, by name as image (never a path); "
+                                "needs a server started with a ControlNet.")  # fmt: skip
+    control_type: Literal[CONTROL_TYPES] | None = Field(  # type: ignore[valid-type]
+        None, description="What control shows; none = as given."
+    )
+    control_preprocess: bool | Literal[CONTROL_TYPES[1:]] = Field(  # type: ignore[valid-type]
+        False, description="Make the control_type image from a plain picture (canny built in)."
+    )
+    control_scale: float = Field(DEFAULT_CONTROL_SCALE, **documented(minimum=0, maximum=MAX_CONTROL_SCALE))
+    control_start: float = Field(0.0, description="Share of the schedule where control starts.",
+                                 **documented(minimum=0, maximum=1))  # fmt: skip
+    control_end: float = Field(1.0, description="Where it ends.", **documented(minimum=0, maximum=1))
 
 
 class OpenAIImageRequest(BaseModel):

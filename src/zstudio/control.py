@@ -1,0 +1,234 @@
+"""ControlNet: where the weights come from, which control types and preprocessors exist, and the one check of a
+request's control image (`validate`), which the engine runs before any weights load and a server at submit time.
+
+The ControlNet is diffusers' `ZImageControlNetModel` (the alibaba-pai "Z-Image-Turbo-Fun-Controlnet-Union" releases,
+or our tiny one). Its config encodes no control types: a Union model reads the kind of control from the control
+image itself. The types a ControlNet accepts are therefore documentation, kept here: a `zstudio.json` beside its
+weights may list them (`{"control_types": [...]}`), otherwise the Union model card's list applies (Canny, HED, Depth,
+Pose and MLSD). `control_type` picks the preprocessor and goes into the metadata; "none" means "a control image of
+unstated kind, used as given".
+
+Size rule: the control image (or the picture it is made from) is fitted to the output size exactly as an edit's
+source is (`zstudio.edit.fit`): scaled, aspect kept, to cover the size, then centre-cropped; never stretched.
+Preprocessing runs after the fit, so edges are found at the resolution the model sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from .edit import fit, read_image
+from .params import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, GenerationParams, ParamError
+
+if TYPE_CHECKING:
+    import torch
+
+FIELD = "controlnet"
+UNION_TYPES = ("canny", "hed", "depth", "pose", "mlsd")  # the Union model card's "Canny, HED, Depth, Pose and MLSD"
+CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds, as A1111's ControlNet defaults
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Makes a control image of one type from a picture; `needs` says what it lacks when it cannot run."""
+
+    name: str
+    run: Callable[[Image.Image], Image.Image] | None
+    needs: str = ""
+
+
+def canny(image: Image.Image) -> Image.Image:
+    """OpenCV's Canny edges of the picture's grey levels, white on black, as three channels."""
+    import cv2
+
+    grey = np.asarray(image.convert("L"))
+    edges = cv2.Canny(grey, *CANNY_THRESHOLDS)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+def _needs_weights(what: str) -> str:
+    return f"{what} weights, which zstudio does not load yet"
+
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    "canny": Preprocessor("canny", canny),
+    "depth": Preprocessor("depth", None, _needs_weights("a depth estimator's (Depth Anything V2 or MiDaS)")),
+    "pose": Preprocessor("pose", None, _needs_weights("a pose estimator's (DWPose or OpenPose)")),
+    "hed": Preprocessor("hed", None, _needs_weights("the HED soft-edge annotator's (lllyasviel/Annotators)")),
+    "mlsd": Preprocessor("mlsd", None, _needs_weights("the M-LSD line detector's (lllyasviel/Annotators)")),
+    "lineart": Preprocessor("lineart", None, _needs_weights("the lineart annotator's (lllyasviel/Annotators)")),
+    # The Union model card names no scribble or tile condition, so no simple image op stands in for them.
+    "scribble": Preprocessor("scribble", None, "a model trained on scribbles; the Union model card lists none"),
+    "tile": Preprocessor("tile", None, "a model trained on tiles; the Union model card lists none"),
+}
+
+
+# ------------------------------------------------------------------------------------------ weights
+@dataclass(frozen=True)
+class ControlNetSource:
+    """A resolved ControlNet: a diffusers folder (config.json) or a single .safetensors file."""
+
+    spec: str
+    path: Path  # the folder, or the file
+    config: Path | None  # a folder holding config.json for a single file; None: diffusers infers it (from the hub)
+    types: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+
+def resolve(spec: str, allow_download: bool = True) -> ControlNetSource:
+    """A folder, a .safetensors file, or a hub id `owner/repo` (optionally `owner/repo/FILE.safetensors` where the
+    repo holds several), from the Hugging Face cache, else downloaded into it. Missing: one `ParamError` line."""
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") < 1:
+        return _local(spec, path)
+    return _local(spec, _from_hub(spec, allow_download))
+
+
+def _local(spec: str, path: Path) -> ControlNetSource:
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            files = sorted(path.glob("*.safetensors"))
+            if len(files) != 1:
+                names = ", ".join(f.name for f in files[:5]) or "none"
+                raise ParamError(FIELD, f"{path} has no config.json and {len(files)} .safetensors files ({names}); "
+                                        "name the file")  # fmt: skip
+            path = files[0]
+        else:
+            return ControlNetSource(spec, path, None, _types(path))
+    if not path.is_file():
+        raise ParamError(FIELD, f"{spec!r} is neither a folder, a .safetensors file nor a Hugging Face repo id")
+    if path.suffix != ".safetensors":
+        raise ParamError(FIELD, f"{path.name} is not a .safetensors file")
+    config = path.parent if (path.parent / "config.json").is_file() else None
+    return ControlNetSource(spec, path, config, _types(path.parent))
+
+
+def _from_hub(spec: str, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    owner, repo, *rest = spec.split("/")
+    repo_id = f"{owner}/{repo}"
+    patterns = ["/".join(rest)] if rest else ["config.json", "*.safetensors", "zstudio.json"]
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except Exception:  # not cached (LocalEntryNotFoundError): ask the hub, if allowed
+        if not allow_download:
+            raise ParamError(FIELD, f"{spec} is not in the Hugging Face cache") from None
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as err:  # the hub client raises many kinds (network, auth, missing repo)
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+            raise ParamError(FIELD, f"ControlNet {spec!r} is not in the Hugging Face cache and could not be "
+                                    f"downloaded ({reason[:160]})") from None  # fmt: skip
+    return folder / "/".join(rest) if rest else folder
+
+
+def _types(folder: Path) -> tuple[str, ...]:
+    info = folder / "zstudio.json"
+    if info.is_file():
+        return tuple(json.loads(info.read_text()).get("control_types", UNION_TYPES))
+    return UNION_TYPES
+
+
+def load(source: ControlNetSource, transformer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """The ControlNet on `device`, sharing the transformer's embedders and refiners as diffusers' pipeline makes it
+    (`ZImageControlNetModel.from_transformer`)."""
+    from diffusers import ZImageControlNetModel
+
+    from .models import quiet_loading
+
+    with quiet_loading():
+        if source.path.is_dir():
+            controlnet = ZImageControlNetModel.from_pretrained(source.path, torch_dtype=dtype)
+        else:
+            config = str(source.config) if source.config else None
+            controlnet = ZImageControlNetModel.from_single_file(str(source.path), config=config, torch_dtype=dtype)
+    controlnet = ZImageControlNetModel.from_transformer(controlnet, transformer)
+    return controlnet.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ControlInput:
+    """A request's control image at the output size, and the recipe recorded with each result."""
+
+    image: Image.Image  # RGB, width x height
+    recipe: dict[str, Any]
+
+
+def preprocessor_of(params: GenerationParams) -> str | None:
+    """The preprocessor a request asks for: `control_preprocess` names one, or True means its `control_type`'s."""
+    if isinstance(params.control_preprocess, str):
+        return params.control_preprocess
+    return params.control_type if params.control_preprocess else None
+
+
+def validate(
+    params: GenerationParams,
+    controlnet: ControlNetSource | None,
+    width: int,
+    height: int,
+    max_input_pixels: int = MAX_INPUT_PIXELS,
+    max_input_bytes: int = MAX_INPUT_BYTES,
+) -> ControlInput | None:
+    """Read and check a request's control image for an output of width x height; None without `control`.
+
+    One `ParamError` line each for: no ControlNet loaded, a control type the ControlNet was not trained on, a
+    preprocessor that cannot run (what it needs), a file that is not a PNG/JPEG/WebP image."""
+    if params.control is None:
+        return None
+    if controlnet is None:
+        raise ParamError("control", "needs a ControlNet: start with --controlnet SPEC (or ZSTUDIO_CONTROLNET), "
+                                    "e.g. alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0")  # fmt: skip
+    kind = params.control_type or "none"
+    if kind != "none" and kind not in controlnet.types:
+        known = ", ".join(controlnet.types)
+        raise ParamError("control_type", f"{kind!r} is not a type ControlNet {controlnet.name} was trained on "
+                                         f"({known}; 'none' passes the image as given)")  # fmt: skip
+    name = preprocessor_of(params)
+    if name is not None and PREPROCESSORS[name].run is None:
+        raise ParamError("control_preprocess", f"preprocessor {name} needs {PREPROCESSORS[name].needs}; "
+                                               f"give a ready {name} image as control instead")  # fmt: skip
+    picture, info = read_image("control", params.control, max_input_pixels, max_input_bytes)
+    image = fit(picture.convert("RGB"), width, height, Image.Resampling.LANCZOS)
+    recipe: dict[str, Any] = {
+        "type": kind,
+        "controlnet": controlnet.name,
+        "scale": params.control_scale,
+        "start": params.control_start,
+        "end": params.control_end,
+    }
+    if name is not None:
+        image = PREPROCESSORS[name].run(image)
+        recipe["preprocessor"] = name
+        recipe["source_sha256"] = info["sha256"]
+        recipe["sha256"] = sha256_png(image)  # the control image the model saw, as a lossless PNG
+    else:
+        recipe["sha256"] = info["sha256"]
+    return ControlInput(image=image, recipe=recipe)
+
+
+def sha256_png(image: Image.Image) -> str:
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def active(params: GenerationParams, step: int, steps: int) -> bool:
+    """Whether control applies at `step` of `steps`: diffusers' ControlNet rule (`control_guidance_start/end` of
+    StableDiffusionControlNetPipeline), keep = not (i/N < start or (i+1)/N > end)."""
+    return not (step / steps < params.control_start or (step + 1) / steps > params.control_end)

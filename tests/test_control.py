@@ -1,0 +1,214 @@
+"""ControlNet (zstudio.control and the engine's control steps) on the tiny checkpoint's tiny ControlNet, CPU fp32."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+from PIL import Image, ImageDraw
+
+from zstudio import GenerationParams, Generator, control
+from zstudio.params import CONTROL_TYPES, ParamError
+from zstudio.tiny import CONTROLNET_FOLDER
+
+SIZE = {"width": 128, "height": 128, "num_inference_steps": 3}
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def shape_file(tmp_path_factory):
+    """A rendered shape (a white disc and a grey bar on black), larger than the output and of another aspect."""
+    image = Image.new("RGB", (192, 160), "black")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 30, 130, 120), fill="white")
+    draw.rectangle((140, 20, 170, 140), fill=(128, 128, 128))
+    path = tmp_path_factory.mktemp("control") / "shape.png"
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def controlled(tiny_dir, tmp_path_factory):
+    return Generator(model=str(tiny_dir), device="cpu", controlnet=str(tiny_dir / CONTROLNET_FOLDER),
+                     outputs=tmp_path_factory.mktemp("outputs")).load()  # fmt: skip
+
+
+def run(generator, **kw):
+    return generator.generate_images(GenerationParams(prompt="a red circle", seed=7, **SIZE, **kw))
+
+
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_pixels_match_diffusers_controlnet_pipeline(controlled, tiny_dir, shape_file, cfg):
+    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", seed=11, num_images=2, cfg_scale=cfg,
+                              control=str(shape_file), control_scale=0.9, **SIZE)  # fmt: skip
+    ours = controlled.generate_images(params)
+    pipe = controlled.pipe
+    reference = ZImageControlNetPipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer,
+        controlnet=ZImageControlNetModel.from_pretrained(tiny_dir / CONTROLNET_FOLDER, torch_dtype=torch.float32),
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    fitted = control.validate(params, controlled.controlnet_source, 128, 128).image
+    images = reference(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=128,
+        height=128,
+        num_inference_steps=3,
+        guidance_scale=cfg,
+        control_image=fitted,
+        controlnet_conditioning_scale=0.9,
+        num_images_per_prompt=2,
+        latents=controlled.prepare_latents(ours.seeds, 128, 128),
+    ).images
+    without = run(controlled, negative_prompt="blurry", num_images=2, cfg_scale=cfg)
+    for mine, theirs, plain in zip(ours.images, images, without.images):
+        assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
+        assert np.abs(pixels(mine) - pixels(plain)).max() > 8  # the ControlNet changed the picture
+
+
+def test_scale_zero_gives_the_pixels_without_control(controlled, shape_file):
+    plain = run(controlled)
+    zero = run(controlled, control=str(shape_file), control_scale=0.0)
+    assert np.array_equal(pixels(plain.images[0]), pixels(zero.images[0]))
+
+
+def test_control_outside_its_range_changes_nothing(controlled, shape_file):
+    """With 3 steps, control from 0.9 to 1 covers no whole step (diffusers' rule), so no step gets hints."""
+    assert [control.active(GenerationParams(prompt="x", control="c", control_start=0.3), i, 3) for i in range(3)] == [
+        False, True, True]  # fmt: skip
+    late = run(controlled, control=str(shape_file), control_start=0.9)
+    assert np.array_equal(pixels(late.images[0]), pixels(run(controlled).images[0]))
+    middle = run(controlled, control=str(shape_file), control_start=0.3, control_end=0.7)
+    assert not np.array_equal(pixels(middle.images[0]), pixels(late.images[0]))
+
+
+def test_canny_matches_opencv_on_a_rendered_shape(shape_file):
+    params = GenerationParams(prompt="x", control=str(shape_file), control_preprocess="canny")
+    got = control.validate(params, control.ControlNetSource("union", shape_file, None, control.UNION_TYPES), 128, 128)
+    fitted = Image.open(shape_file).resize((154, 128), Image.Resampling.LANCZOS).crop((13, 0, 141, 128))
+    expected = cv2.Canny(np.asarray(fitted.convert("L")), 100, 200)
+    assert got.image.size == (128, 128)
+    assert np.array_equal(np.asarray(got.image)[..., 0], expected)
+    assert expected.max() == 255 and (expected > 0).mean() < 0.2  # edges, not a filled picture
+    assert got.recipe["preprocessor"] == "canny" and got.recipe["source_sha256"] != got.recipe["sha256"]
+
+
+def test_metadata_records_the_control_recipe(controlled, shape_file):
+    import hashlib
+
+    result = run(controlled, control=str(shape_file), control_type="canny", control_scale=0.5, control_end=0.8)
+    recipe = result.metadata[0]["control"]
+    assert recipe["sha256"] == hashlib.sha256(shape_file.read_bytes()).hexdigest()
+    assert (recipe["type"], recipe["scale"], recipe["start"], recipe["end"]) == ("canny", 0.5, 0.0, 0.8)
+    assert recipe["controlnet"].endswith(CONTROLNET_FOLDER)
+    assert result.metadata[0]["params"]["control"] == str(shape_file.resolve())
+
+
+def test_control_combines_with_image_to_image_but_not_yet_inpainting(controlled, shape_file):
+    edited = run(controlled, control=str(shape_file), image=str(shape_file), strength=0.6)
+    assert edited.metadata[0]["edit"]["mode"] == "image-to-image" and "control" in edited.metadata[0]
+    with pytest.raises(ParamError, match="inpainting"):
+        run(controlled, control=str(shape_file), image=str(shape_file), outpaint={"left": 64})
+
+
+def test_controlnet_loads_from_a_single_file_and_refuses_a_missing_repo(tiny_dir):
+    file = tiny_dir / CONTROLNET_FOLDER / "diffusion_pytorch_model.safetensors"
+    source = control.resolve(str(file))
+    assert source.config == file.parent
+    generator = Generator(model=str(tiny_dir), device="cpu", controlnet=str(file)).load()
+    reference = ZImageControlNetModel.from_pretrained(file.parent)
+    loaded = dict(generator.controlnet.named_parameters())
+    assert all(torch.equal(loaded[name], value) for name, value in reference.named_parameters())
+    with pytest.raises(ParamError) as err:
+        control.resolve("nobody-here/no-such-controlnet")  # tests run offline (HF_HUB_OFFLINE=1)
+    assert "not in the Hugging Face cache" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"control": "NOTANIMAGE"}, "control", "not a PNG"),
+        ({"control_type": "scribble"}, "control_type", "not a type ControlNet"),
+        ({"control_preprocess": "depth"}, "control_preprocess", "preprocessor depth needs"),
+    ],
+)
+def test_bad_control_is_refused_before_anything_loads(tiny_dir, shape_file, tmp_path, fields, field, words):
+    if fields.get("control") == "NOTANIMAGE":
+        (tmp_path / "notes.png").write_text("not an image")
+        fields = {"control": str(tmp_path / "notes.png")}
+    generator = Generator(model=str(tiny_dir), device="cpu", controlnet=str(tiny_dir / CONTROLNET_FOLDER))
+    with pytest.raises(ParamError) as err:
+        generator.generate_images(GenerationParams(prompt="x", **SIZE, **{"control": str(shape_file), **fields}))
+    assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value)
+    assert generator.pipe is None  # refused before the weights loaded
+
+
+def test_control_without_a_controlnet_is_refused(generator, shape_file):
+    with pytest.raises(ParamError, match="needs a ControlNet"):
+        run(generator, control=str(shape_file))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"control_scale": 2.5}, "control_scale"),
+        ({"control_scale": float("nan")}, "control_scale"),
+        ({"control_start": 0.6, "control_end": 0.5}, "control_start"),
+        ({"control_type": "sketchy"}, "control_type"),
+        ({"control_preprocess": True}, "control_preprocess"),  # no type to preprocess for
+        ({"control": None, "control_type": "canny"}, "control_type"),
+    ],
+)
+def test_parameters_refuse_out_of_range_control(fields, field):
+    with pytest.raises(ParamError) as err:
+        GenerationParams(prompt="x", **{"control": "c.png", **fields})
+    assert err.value.field == field
+
+
+def test_every_control_type_has_a_preprocessor_entry():
+    assert set(CONTROL_TYPES) == {"none", *control.PREPROCESSORS}
+    assert [name for name, p in control.PREPROCESSORS.items() if p.run is not None] == ["canny"]
+
+
+def test_cli_generates_with_control_and_show_prints_the_recipe(tiny_dir, shape_file, tmp_path):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    runner = CliRunner()
+    args = ["generate", "a red circle", "--model", str(tiny_dir), "--device", "cpu", "--size", "64x64", "--steps",
+            "2", "--seed", "3", "--out", str(tmp_path), "--controlnet", str(tiny_dir / CONTROLNET_FOLDER),
+            "--control", str(shape_file), "--control-type", "canny", "--control-preprocess", "--control-scale",
+            "0.7", "--control-end", "0.5"]  # fmt: skip
+    made = runner.invoke(main, args)
+    assert made.exit_code == 0, made.output
+    shown = runner.invoke(main, ["show", made.stdout.split("\t")[0]])
+    assert "made by preprocessor canny" in shown.stdout and "control scale    0.7, steps 0-0.5" in shown.stdout
+    assert "--control-type canny --control-scale 0.7 --control-start 0 --control-end 0.5 --control-preprocess" in (
+        shown.stdout)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--control-scale", "3"], "control_scale: 3.0 is outside 0-2"),
+        (["--control-type", "tile"], "control_type: 'tile' is not a type"),
+        (["--control-type", "pose", "--control-preprocess"], "preprocessor pose needs"),
+        (["--controlnet", ""], "control: needs a ControlNet"),
+    ],
+)
+def test_cli_refuses_bad_control_in_one_line_with_exit_2(tiny_dir, shape_file, tmp_path, extra, words):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    args = ["generate", "x", "--model", str(tiny_dir), "--device", "cpu", "--size", "64x64", "--out", str(tmp_path),
+            "--controlnet", str(tiny_dir / CONTROLNET_FOLDER), "--control", str(shape_file), *extra]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and words in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing saved
