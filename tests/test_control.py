@@ -212,3 +212,36 @@ def test_cli_refuses_bad_control_in_one_line_with_exit_2(tiny_dir, shape_file, t
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and words in result.output and len(result.output.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing ran, nothing saved
+
+
+def test_control_over_http_by_upload_name_and_never_a_path(tiny_dir, shape_file, tmp_path):
+    """The native API takes the control image by an upload's or an output's name, like `image`; a server path is a
+    422 naming the field, and a server without a ControlNet refuses control before queueing."""
+    import hashlib
+
+    from helpers import Running, wait_done
+    from zstudio.outputs import read_metadata
+    from zstudio.server.app import create_app
+
+    generator = Generator(model=str(tiny_dir), device="cpu", controlnet=str(tiny_dir / CONTROLNET_FOLDER))
+    with Running(create_app(generator.load(), tmp_path / "outputs", state=tmp_path / "state", ui=False)) as client:
+        body = {"prompt": "a red circle", "seed": 7, **SIZE, "control_scale": 0.9}
+        files = {"control": ("shape.png", shape_file.read_bytes(), "image/png")}
+        import json
+
+        job = client.post("/api/v1/generations", data={"params": json.dumps(body)}, files=files).json()
+        done = wait_done(client, job["id"])
+        assert done["status"] == "done", done
+        sha = hashlib.sha256(shape_file.read_bytes()).hexdigest()
+        record = read_metadata(tmp_path / "outputs" / done["outputs"][0])
+        assert record["control"]["sha256"] == sha and record["params"]["control"] == f"{sha}.png"
+        refused = client.post("/api/v1/generations", json={**body, "control": str(shape_file)})
+        assert refused.status_code == 422 and "control" in refused.text
+    plain = Generator(model=str(tiny_dir), device="cpu")
+    with Running(create_app(plain.load(), tmp_path / "out2", state=tmp_path / "state2", ui=False)) as client:
+        name = done["outputs"][0]
+        (tmp_path / "out2").mkdir(exist_ok=True)
+        (tmp_path / "out2" / name).write_bytes((tmp_path / "outputs" / name).read_bytes())
+        refused = client.post("/api/v1/generations", json={**body, "control": name})
+        assert refused.status_code == 422 and "control" in refused.text, refused.text
+        assert client.get("/api/v1/history").json()["total"] == 0

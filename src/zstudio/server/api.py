@@ -279,9 +279,12 @@ def output_seeds(job: dict[str, Any]) -> list[tuple[str, int | None]]:
     return list(zip(job["outputs"], seeds))
 
 
+INPUT_FIELDS = ("image", "mask", "control")  # the pictures a generation may take, by upload or by name
+
+
 def shown_params(params: dict[str, Any]) -> dict[str, Any]:
     """A job's parameters as a client sees them: input pictures by name, not by the server's path."""
-    return {**params, **{k: shown_name(params[k]) for k in ("image", "mask") if params.get(k)}}
+    return {**params, **{k: shown_name(params[k]) for k in INPUT_FIELDS if params.get(k)}}
 
 
 class MultipartRoute(APIRoute):
@@ -399,7 +402,7 @@ def build_router(studio: Studio) -> APIRouter:
 
     async def create_generation_from_form(request: Request):
         try:
-            fields, uploads = await read_form(request, studio.inputs, ("image", "mask"))
+            fields, uploads = await read_form(request, studio.inputs, INPUT_FIELDS)
             body = form_body(GenerationRequest, fields, uploads)
         except ParamError as err:
             return error_response(422, str(err), err.field)
@@ -412,7 +415,8 @@ def build_router(studio: Studio) -> APIRouter:
     @router.post("/api/v1/generations", status_code=202, tags=["generations"],
                  responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody),
                  openapi_extra=multipart_doc(GenerationRequest, {"image": "The picture to edit.",
-                                                                 "mask": "White = repaint."}))  # fmt: skip
+                                                                 "mask": "White = repaint.",
+                                                                 "control": "A ControlNet's control image."}))  # fmt: skip
     def create_generation(body: GenerationRequest):
         """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
         jobs cannot run now, each with the reason). An edit names its `image` (and `mask`) in the outputs folder
