@@ -280,6 +280,7 @@ def output_seeds(job: dict[str, Any]) -> list[tuple[str, int | None]]:
 
 
 INPUT_FIELDS = ("image", "mask", "control")  # the pictures a generation may take, by upload or by name
+UPLOAD_DOCS = {"image": "The picture to edit.", "mask": "White = repaint.", "control": "A ControlNet's control image."}
 
 
 def shown_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -414,9 +415,7 @@ def build_router(studio: Studio) -> APIRouter:
 
     @router.post("/api/v1/generations", status_code=202, tags=["generations"],
                  responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody),
-                 openapi_extra=multipart_doc(GenerationRequest, {"image": "The picture to edit.",
-                                                                 "mask": "White = repaint.",
-                                                                 "control": "A ControlNet's control image."}))  # fmt: skip
+                 openapi_extra=multipart_doc(GenerationRequest, UPLOAD_DOCS))
     def create_generation(body: GenerationRequest):
         """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
         jobs cannot run now, each with the reason). An edit names its `image` (and `mask`) in the outputs folder
