@@ -413,9 +413,13 @@ def build_router(studio: Studio) -> APIRouter:
     router.add_api_route("/api/v1/generations", create_generation_from_form, methods=["POST"],
                          route_class_override=MultipartRoute, include_in_schema=False)  # fmt: skip
 
-    @router.post("/api/v1/generations", status_code=202, tags=["generations"],
-                 responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody),
-                 openapi_extra=multipart_doc(GenerationRequest, UPLOAD_DOCS))
+    @router.post(
+        "/api/v1/generations",
+        status_code=202,
+        tags=["generations"],
+        responses=answers(Accepted, 202, e422=InvalidRequest, e429=ErrorBody, e503=ErrorBody),
+        openapi_extra=multipart_doc(GenerationRequest, UPLOAD_DOCS),
+    )
     def create_generation(body: GenerationRequest):
         """Validate and enqueue; answers 202 with the job id and queue position (429 when the line is full, 503 when
         jobs cannot run now, each with the reason). An edit names its `image` (and `mask`) in the outputs folder
