@@ -324,7 +324,8 @@ SHIPPED = __import__("importlib.resources").resources.files("zstudio") / "data" 
 
 @pytest.fixture(scope="module")
 def demo_loras(tmp_path_factory):
-    """The demo model with the two shipped demo LoRAs (`python -m zstudio.demo.lora`, 200 steps each)."""
+    """The demo model with the two shipped demo LoRAs (`python -m zstudio.demo.lora`, 200 steps each: red-to-blue
+    `--keep green`, green-to-yellow `--over red:blue:red-to-blue.safetensors`)."""
     generator = Generator(model="demo", device="cpu", outputs=tmp_path_factory.mktemp("demo-out")).load()
     generator.pipe.set_progress_bar_config(disable=True)
     generator.loras.folder = lora.LoraFolder(SHIPPED)
@@ -340,7 +341,7 @@ def colour_share(generator, scenes, loras, colour) -> tuple[float, list]:
 
 def test_demo_lora_teaches_its_colour(demo_loras):
     """The evaluator on 20 held-out prompts each: the base model draws the named colour, each LoRA repaints it.
-    The bar is 80% (measured: base 90% red / 95% green; LoRAs 100% blue / 100% yellow)."""
+    The bar is 80% (measured: base 90% red / 95% green; LoRAs 95% blue / 95% yellow)."""
     from zstudio.demo.lora import held_out_prompts
 
     red, green = held_out_prompts("red", "blue"), held_out_prompts("green", "yellow")
@@ -350,9 +351,9 @@ def test_demo_lora_teaches_its_colour(demo_loras):
         assert share >= 0.8, (loras, colour, share, seen)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: stacked, green-to-yellow still 100% yellow but red-to-blue only 55% "
-                   "blue (100% alone): the second LoRA disturbs the first; below the 80% bar")  # fmt: skip
 def test_demo_loras_stacked_give_both_effects(demo_loras):
+    """Both at strength 1: each still repaints its own colour on its 20 held-out prompts. The bar is 80% (measured:
+    red-to-blue 95% blue, green-to-yellow 95% yellow; 55% blue before green-to-yellow was trained over red-to-blue)."""
     from zstudio.demo.lora import held_out_prompts
 
     both = (("red-to-blue", 1.0), ("green-to-yellow", 1.0))
@@ -373,12 +374,18 @@ def test_demo_lora_strength_zero_and_removal_give_base_pixels(demo_loras):
 
 
 def test_demo_lora_retrains_quickly_into_the_shipped_layout(demo_loras, tmp_path):
-    """The recipe runs here (a few steps, seeded) into a file with the shipped file's layers."""
+    """Both shipped recipes run here (a few steps, seeded) into files with the shipped files' layers; the one trained
+    over another LoRA leaves that LoRA's file untouched and writes only its own adapter."""
     from zstudio.demo.lora import train_lora
 
-    path = train_lora(tmp_path / "quick.safetensors", "red", "blue", steps=15)
-    quick = lora.read_lora(path, demo_loras.pipe.transformer)
     shipped = lora.read_lora(SHIPPED / "red-to-blue.safetensors", demo_loras.pipe.transformer)
-    assert set(quick.weights) == set(shipped.weights)
-    assert all(quick.weights[k][0].shape == shipped.weights[k][0].shape for k in quick.weights)
-    assert any(bool(quick.weights[k][1].abs().max() > 0) for k in quick.weights)  # lora_B starts at zero: it trained
+    first = train_lora(tmp_path / "quick-rb.safetensors", "red", "blue", steps=15, keep="green")
+    before = first.read_bytes()
+    second = train_lora(tmp_path / "quick-gy.safetensors", "green", "yellow", steps=15, over=("red", "blue", first))
+    assert first.read_bytes() == before
+    quick = [lora.read_lora(path, demo_loras.pipe.transformer) for path in (first, second)]
+    for trained in quick:
+        assert set(trained.weights) == set(shipped.weights)
+        assert all(trained.weights[k][0].shape == shipped.weights[k][0].shape for k in trained.weights)
+        assert any(bool(trained.weights[k][1].abs().max() > 0) for k in trained.weights)  # lora_B starts at 0: trained
+    assert any(not torch.equal(quick[0].weights[k][1], quick[1].weights[k][1]) for k in shipped.weights)
