@@ -24,7 +24,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # spandrel (upscaler models) without its torchvision requirement: PyPI's torchvision would replace a CPU torch
 # with a CUDA build; zstudio uses no torchvision code (zstudio.upscale.import_spandrel).
-if ! "$VENV/bin/python" -c "import spandrel" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('spandrel') is None)"; then
     pip_install --no-deps "spandrel>=0.4.2" && pip_install "einops>=0.7"
 fi
 pip_install -e "$ROOT${ZSTUDIO_EXTRAS:-}"
