@@ -18,7 +18,6 @@ Two ways to apply a set (`LoadedLoras`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .models import file_sha256
 from .params import GenerationParams, ParamError
 
 log = logging.getLogger(__name__)
@@ -85,22 +85,6 @@ class LoraFile:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "size_mb": round(self.size / 1e6, 2)}
-
-
-_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256 (hex), cached by path, size and modification time."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _hashes:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _hashes[key] = digest.hexdigest()
-    return _hashes[key]
 
 
 class LoraFolder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -242,3 +243,20 @@ def load_transformer(source: ModelSource, dtype: torch.dtype):
 
     with quiet_loading(source.embedded):
         return ZImageTransformer2DModel.from_pretrained(source.path, subfolder="transformer", dtype=dtype)
+
+
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """A weights file's SHA-256 (hex; LoRAs and upscalers are named by it), cached by path, size and
+    modification time."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]

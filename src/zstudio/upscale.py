@@ -31,6 +31,7 @@ from PIL import Image
 
 from . import __version__
 from .devices import dtype_name
+from .models import file_sha256
 from .outputs import EXTENSIONS, encode_image, read_metadata, write_file
 from .params import GenerationParams, ParamError
 
@@ -385,14 +386,6 @@ def check_output_size(width: int, height: int, scale: float, limits: UpscaleLimi
         raise ParamError("scale", f"{width}x{height} at {scale:g}x would be {out_w}x{out_h} "
                                   f"({out_w * out_h / 1e6:.1f} MP); the limit is {limits.max_side} px a side and "
                                   f"{limits.max_pixels / 1e6:g} MP: use a smaller scale")  # fmt: skip
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- the result

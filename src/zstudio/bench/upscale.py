@@ -9,10 +9,8 @@ a 1024x1024 image timed on the GPU with its peak memory.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 
 from ..devices import DTYPES, dtype_name, pick_device, pick_dtype
 from ..upscale import DEFAULT_MARGIN, DEFAULT_TILE, import_spandrel, load_upscaler
+from .run import emit
 
 
 def realesrgan_state_dict(blocks: int = 23, features: int = 64, scale: int = 4, seed: int = 0) -> dict[str, Any]:
@@ -108,12 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     report = run(args.device, args.dtype, args.size, args.tile, args.tiny, args.repeats)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text, file=sys.stdout)
-    return report
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

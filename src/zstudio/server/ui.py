@@ -148,7 +148,7 @@ def run_job(studio: Studio, lang: str, make_params: Callable[[], GenerationParam
 
 def inputs_folder(studio: Studio) -> Path:
     """Where edit inputs are kept: the state folder, beside the history whose recipes name them (never served)."""
-    return studio.queue.history.path.parent / "inputs"
+    return studio.inputs.folder
 
 
 def keep_file(studio: Studio, path: str) -> str:
