@@ -449,8 +449,9 @@ class JobQueue:
         self._changed.notify_all()
 
     def _finish(self, job: Job, status: str, **changes: Any) -> None:
+        """Record the end in the history first, then show it: a client that sees the job end finds it there too."""
+        fields = {k: v for k, v in changes.items() if k in ("outputs", "seeds", "seconds", "error")}
+        self._record(job.id, status=status, finished=time.time(), step=job.step, **fields)
         with self._changed:
             self._set(job, status=status, finished_at=time.monotonic(), **changes)
             self.counts[status] += 1
-        fields = {k: v for k, v in changes.items() if k in ("outputs", "seeds", "seconds", "error")}
-        self._record(job.id, status=status, finished=time.time(), step=job.step, **fields)
