@@ -74,26 +74,30 @@ class Scene:
         """The (shape, colour, background) combinations it shows: what the held-out split is made of."""
         return [(self.shape, self.color, self.background)]
 
+    @property
+    def default_placement(self) -> bool:
+        """Large and centred: what a caption that names no position or size shows (one picture per caption; a
+        caption that fits ten placements teaches the model their average, a blob)."""
+        return self.position == "centre" and self.size == "large"
+
     def captions_en(self) -> list[str]:
         c, s, b, p, z = self.color, self.shape, self.background, POSITIONS_EN[self.position], self.size
-        a = article(c)
-        return [
-            f"{a} {c} {s} on a {b} background",
+        placed = [
             f"{b} background, {z} {c} {s} {p}",
             f"a {z} {c} {s} {p}, plain {b} background",
-            f"{c} {s}, {b} background",
             f"a picture of a {z} {c} {s} {p} on {b}",
         ]
+        if not self.default_placement:
+            return placed
+        return [f"{article(c)} {c} {s} on a {b} background", f"{c} {s}, {b} background", *placed]
 
     def captions_zh(self) -> list[str]:
         c, s, b = COLORS_ZH[self.color], SHAPES_ZH[self.shape], COLORS_ZH[self.background]
         p, z = POSITIONS_ZH[self.position], SIZES_ZH[self.size]
-        return [
-            f"{b}背景上的{c}{s}",
-            f"{b}背景，{p}有一个{z}的{c}{s}",
-            f"{p}一个{z}{c}{s}，纯{b}背景",
-            f"一个{c}{s}，{b}底色",
-        ]
+        placed = [f"{b}背景，{p}有一个{z}的{c}{s}", f"{p}一个{z}{c}{s}，纯{b}背景", f"{z}{c}{s}在{p}，{b}背景"]
+        if not self.default_placement:
+            return placed
+        return [f"{b}背景上的{c}{s}", f"一个{c}{s}，{b}底色", *placed]
 
     def shapes(self) -> list[tuple[str, str, float, float, float]]:
         """(kind, colour, centre x, centre y, size) of each shape, as fractions of the side."""

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 2  # zstudio.json's "version": 1 was the 64x64 one-shape model
 TEXT = {"text_hidden": 64, "text_layers": 2}
-VAE = {"vae_channels": (16, 32, 64, 64), "vae_groups": 8}  # four blocks: 8x, so 128x128 is 16x16 latents, 64 tokens
+VAE = {"vae_channels": (32, 64, 64), "vae_groups": 8}  # three blocks: 4x, so 128x128 is 32x32 latents, 256 image tokens
 CANDIDATES: dict[str, Sizes] = {
     # ~5.1M transformer parameters (10 MB in bf16): 0.35 s a picture at 20 steps on 2 CPU cores
     "s": Sizes(**TEXT, dim=192, n_layers=6, n_refiner_layers=1, n_heads=4, axes_dims=(16, 16, 16), **VAE),
@@ -53,7 +53,7 @@ CANDIDATES: dict[str, Sizes] = {
 }
 SHIFT = 3.0  # the scheduler's shift: training draws noise levels the way inference visits them
 CAPTION_DROPOUT = 0.1  # of the batches whose captions pad to 32 tokens (most of them); the empty prompt pads to 32
-PAIR_SHARE = 0.6  # of training samples that are two-shape pictures
+PAIR_SHARE = 0.5  # of training samples that are two-shape pictures
 CAPTIONS_PER_PAIR = 6  # phrasings kept per two-shape picture (3 English, 3 Chinese, of both ways of telling it)
 SEQ_MULTIPLE = 32  # diffusers pads captions to a multiple of this (SEQ_MULTI_OF)
 STEPS = 20000  # transformer steps when no time budget stops it first
@@ -301,6 +301,7 @@ def train_transformer(
     ema_decay: float = 0.999,
     compile_blocks: bool = False,
     seconds: float | None = None,
+    warmup: int = 200,
 ):
     """Flow matching: at noise level σ the model sees x_σ and time 1 − σ and must output x₀ − ε.
 
@@ -321,7 +322,7 @@ def train_transformer(
             block.compile(dynamic=True)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), **fused)
-    progress = Progress(steps, seconds, warmup=200)
+    progress = Progress(steps, seconds, warmup=warmup)
     transformer.train()
     params, averages = list(transformer.parameters()), list(ema.parameters())
     step, losses = 0, []
@@ -379,6 +380,8 @@ def train(
     vae_share: float = 0.2,
     pictures: int | None = None,
     workers: int = 1,
+    lr: float = 8e-4,
+    warmup: int = 200,
 ) -> list[Path]:
     """Train and write each candidate's checkpoint to `out`/<name> (built aside, renamed into place).
 
@@ -455,6 +458,8 @@ def train(
             seed,
             compile_blocks=compile_blocks,
             seconds=seconds,
+            lr=lr,
+            warmup=warmup,
         )
         info = {
             "name": f"zstudio-demo-{name}",
@@ -472,6 +477,8 @@ def train(
                 "vae_batch": vae_batch,
                 "steps": steps,
                 "batch": batch,
+                "lr": lr,
+                "warmup": warmup,
                 "time_budget": time_budget,
                 "compiled_blocks": compile_blocks,
                 "seconds_to_here": round(time.perf_counter() - started, 1),
@@ -525,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=STEPS, help="transformer steps per candidate, at most")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=8e-4, help="the transformer's peak learning rate")
+    parser.add_argument("--warmup", type=int, default=200, help="the transformer's warm-up steps")
     parser.add_argument("--time-budget", type=float, help="seconds for the whole run; every stage stops on time")
     parser.add_argument("--vae-share", type=float, default=0.2, help="of the budget left once the data is ready")
     parser.add_argument("--pictures", type=int, help="at most this many pictures of each kind (quick tries)")
@@ -555,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
         vae_share=args.vae_share,
         pictures=args.pictures,
         workers=args.workers,
+        lr=args.lr,
+        warmup=args.warmup,
     )
 
 
