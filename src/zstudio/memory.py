@@ -3,8 +3,9 @@
 | mode          | what                                                                               |
 |---------------|------------------------------------------------------------------------------------|
 | resident      | everything on the GPU (fastest)                                                    |
-| offload-text  | text encoder in CPU memory, its layers streamed through the GPU to encode a new    |
-|               | prompt (repeated prompts come from a cache); transformer and VAE resident          |
+| offload-text  | text encoder int8 on the GPU where it fits, else in CPU memory with its layers     |
+|               | streamed through the GPU for a new prompt (zstudio.text_placement; repeated        |
+|               | prompts come from a cache); transformer and VAE resident                           |
 | 8bit          | + the transformer's large linear layers in 8 bits (float8 on GPUs with fp8 tensor  |
 |               | cores, int8 weight-only elsewhere; torchao): half its memory, approximate pixels   |
 | stream        | text encoder as above; the transformer's bf16 blocks streamed from CPU memory one  |
@@ -16,7 +17,8 @@
 peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
 weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model pass
 its `ModelWeights.from_folder(path)` (the weights part then comes from its own files); beyond 1024x1024 the pixel
-term is extrapolated.
+term is extrapolated. Within the chosen mode, `choose_text` places the text encoder (an int8 copy on the GPU where it
+fits beside the mode's estimate; that size is an estimate until measured).
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
