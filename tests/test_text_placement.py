@@ -53,6 +53,14 @@ def test_without_torchao_or_host_ram_the_encoder_streams(monkeypatch):
     assert mode == "streamed" and "host RAM available 20.0 GiB" in why and "needs 30.5 GiB" in why
 
 
+def test_after_an_out_of_memory_switch_the_encoder_streams_pinned_only_where_ram_remains(monkeypatch):
+    """Weights are loaded by then: only what is still to come (stream's pinned transformer copy) is set aside."""
+    monkeypatch.setattr(text_placement, "host_available_bytes", lambda: 20 * GB)
+    assert text_placement.default_placement("8bit", CUDA, 7.46) == "streamed-pinned"  # 7.46 + 4 <= 20
+    assert text_placement.default_placement("stream", CUDA, 7.46, host_needs_gib=11.46) == "streamed"
+    assert text_placement.default_placement("stream", CPU, 7.46) == "resident"
+
+
 def test_off_cuda_and_in_resident_the_encoder_stays_as_loaded():
     assert choose_text_placement("8bit", CPU, None, 11.2, 7.46, PLENTY)[0] == "resident"
     assert choose_text_placement("resident", CUDA, 80 * GB, 23.6, 7.46, PLENTY)[0] == "resident"

@@ -464,7 +464,8 @@ class Generator:
             self._prompt_cache.clear()
             free_after_failure(self.device)
             self.pipe.text_encoder = load_text_encoder(self.resolve_source(), self.dtype)
-        return default_placement(mode, self.device, module_gib(self.pipe.text_encoder))
+        pinned_transformer = module_gib(self.pipe.transformer) if mode == "stream" else 0.0  # made after this
+        return default_placement(mode, self.device, module_gib(self.pipe.text_encoder), pinned_transformer)
 
     def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None,
                          source: edit.EditInput | None = None, control_input: control.ControlInput | None = None

@@ -100,11 +100,16 @@ def choose_text_placement(mode: str, device: torch.device, free_bytes: int | Non
                         f"with a pinned copy needs {pinned_needs:.1f} GiB: a new prompt is slower")  # fmt: skip
 
 
-def default_placement(mode: str, device: torch.device, text_encoder_gib: float) -> str:
-    """Without a free-memory reading (the out-of-memory path): stream, pinned where host RAM allows."""
+def default_placement(mode: str, device: torch.device, text_encoder_gib: float, host_needs_gib: float = 0.0) -> str:
+    """Without a free-memory reading (the out-of-memory path, weights already loaded): stream, pinned where host RAM
+    allows beside `host_needs_gib` still to come (stream's pinned transformer copy)."""
     if device.type != "cuda" or mode == "resident":
         return "resident"
-    return choose_text_placement(mode, device, 0, 0.0, text_encoder_gib, host_available_bytes(), int8=False)[0]
+    placement, note = choose_text_placement(mode, device, 0, 0.0, text_encoder_gib, host_available_bytes(),
+                                            int8=False, host_needs_gib=host_needs_gib)  # fmt: skip
+    if placement == "streamed":
+        log.info(note)
+    return placement
 
 
 def quantize_text_encoder_8bit(text_encoder: torch.nn.Module, device: torch.device) -> None:
@@ -149,8 +154,6 @@ def place_text_encoder(text_encoder: torch.nn.Module, placement: str, device: to
     elif placement == "resident-8bit":
         quantize_text_encoder_8bit(text_encoder, device)
     else:
-        if placement == "streamed":
-            log.info("text encoder streamed without a pinned host copy (host RAM): a new prompt is slower")
         stream_weights(text_encoder, device, leaf=False, low_ram=placement == "streamed")
 
 
