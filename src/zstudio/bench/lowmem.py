@@ -203,7 +203,8 @@ def timed_call(fn):
 
 # ---------------------------------------------------------------------------------------------------- driver
 def child(step: list[str], args, timeout: float) -> dict[str, Any]:
-    """Run `python -m zstudio.bench.lowmem STEP ...` in a fresh process; its JSON, or what went wrong."""
+    """Run `python -m zstudio.bench.lowmem STEP ...` in a fresh process (its printout passes through); its JSON, or
+    what went wrong with the end of its error output."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "zstudio.bench.lowmem", *step, "--folder", str(args.folder),
@@ -211,15 +212,14 @@ def child(step: list[str], args, timeout: float) -> dict[str, Any]:
                    "--calls", str(args.calls), "--speed", args.speed, "--json", str(result_path)]  # fmt: skip
         start = time.perf_counter()
         try:
-            done = subprocess.run(command, timeout=timeout, capture_output=True, text=True, env=os.environ.copy())
+            done = subprocess.run(command, timeout=timeout, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
         except subprocess.TimeoutExpired as err:
-            tail = (err.stdout or b"")[-2000:]
-            return {"error": f"timed out after {timeout:.0f} s", "log_tail": str(tail), "seconds": timeout}
+            tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
+            return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail[-3000:], "seconds": timeout}
         seconds = time.perf_counter() - start
-        sys.stdout.write(done.stdout)
         if done.returncode != 0 or not result_path.is_file():
-            return {"error": f"exit {done.returncode}", "log_tail": (done.stdout + done.stderr)[-3000:],
-                    "seconds": seconds}  # fmt: skip
+            print(done.stderr[-3000:], flush=True)
+            return {"error": f"exit {done.returncode}", "log_tail": done.stderr[-3000:], "seconds": seconds}
         return {**json.loads(result_path.read_text()), "seconds": seconds}
 
 
@@ -242,10 +242,15 @@ def drive(args) -> dict[str, Any]:
     def left() -> float:
         return args.budget - (time.perf_counter() - start)
 
+    def save() -> None:  # after every step: a run cut short still leaves what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     if not args.skip_quality:
         print("quality", flush=True)
         report["quality"] = child(["quality"], args, min(args.child_timeout, left()))
-        emit(report, args.json)
+        save()
     report["caps"] = {}
     for cap in args.caps:
         if left() < 60:
@@ -253,6 +258,7 @@ def drive(args) -> dict[str, Any]:
             continue
         print(f"cap {cap} GiB", flush=True)
         report["caps"][str(cap)] = child(["cap", "--cap", str(cap)], args, min(args.child_timeout, left()))
+        save()
     report["total_s"] = time.perf_counter() - start
     report["summary"] = {cap: {k: entry.get(k) for k in ("memory_mode", "text_encoder", "speed", "meets_target",
                                                          "target_s", "error")}
