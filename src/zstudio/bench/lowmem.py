@@ -77,8 +77,9 @@ def run_cap(args) -> dict[str, Any]:
     if device.type == "cuda":
         cap_memory(device, args.cap)
         torch.cuda.reset_peak_memory_stats()
-    out = Path(tempfile.mkdtemp(prefix="zstudio-lowmem-"))
-    generator = Generator(model=str(args.folder), device=args.device, memory="auto", speed=args.speed, outputs=out)
+    out = tempfile.TemporaryDirectory(prefix="zstudio-lowmem-")  # the PNGs, removed at the end
+    generator = Generator(model=str(args.folder), device=args.device, memory="auto", speed=args.speed,
+                          outputs=out.name)  # fmt: skip
     load_s, _ = timed_call(generator.load)
     report: dict[str, Any] = {
         "cap_gib": args.cap,
@@ -112,6 +113,8 @@ def run_cap(args) -> dict[str, Any]:
     report["memory_mode_after"] = generator.memory  # an out-of-memory recovery would have moved it down
     report["text_encoder_after"] = generator.text_placement
     report["host_peak_gb"] = host_peak_gb()
+    report["png_files"] = len(list(Path(out.name).glob("*.png")))
+    out.cleanup()
     if device.type == "cuda":
         report["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         report["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -134,8 +137,7 @@ def run_quality(args) -> dict[str, Any]:
     from ..text_placement import embedding_error, module_gib, place_text_encoder
 
     device = torch.device(args.device)
-    out = Path(tempfile.mkdtemp(prefix="zstudio-lowmem-"))
-    generator = Generator(model=str(args.folder), device=args.device, memory="resident", speed="exact", outputs=out)
+    generator = Generator(model=str(args.folder), device=args.device, memory="resident", speed="exact")
     generator.load()
     text_encoder = generator.pipe.text_encoder
     width, height = args.size
