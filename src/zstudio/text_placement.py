@@ -91,7 +91,7 @@ def choose_text_placement(mode: str, device: torch.device, free_bytes: int | Non
     if int8 and mode_needs_gib + eight_bit <= free_gib:
         return "resident-8bit", (f"text encoder int8 on the GPU: about {eight_bit:.1f} GiB beside the "
                                  f"{mode_needs_gib:.1f} GiB of memory mode {mode}, {free_gib:.1f} free")  # fmt: skip
-    why = "torchao is not installed" if not int8 else f"{eight_bit:.1f} GiB more than {mode} needs does not fit"
+    why = "no int8 copy offered" if not int8 else f"{eight_bit:.1f} GiB more than {mode} needs does not fit"
     pinned_needs = host_needs_gib + text_encoder_gib + HOST_MARGIN_GIB
     if host_bytes is not None and host_bytes / GIB >= pinned_needs:
         return "streamed-pinned", f"text encoder streamed from a pinned copy ({why} on the GPU)"
