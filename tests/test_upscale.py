@@ -177,13 +177,15 @@ def test_bad_inputs_are_refused_with_one_line_before_decoding(tmp_path):
     png_header_only(tmp_path / "big.png", 5_000, 5_000)  # 25 MP: under Pillow's, over ours
     noise(8, 8).save(tmp_path / "small.png")
     cases = [
-        ("text.png", 2.0, UpscaleLimits(), "is not an image Pillow can read"),
-        ("anim.gif", 2.0, UpscaleLimits(), "is GIF; supported are PNG, JPEG, WEBP, BMP"),
-        ("bomb.png", 2.0, UpscaleLimits(), "decompression bomb"),
-        ("big.png", 2.0, UpscaleLimits(), r"5000x5000 \(25.0 MP\); at most 16.8 MP"),
-        ("small.png", 2.0, UpscaleLimits(max_input_bytes=10), "MiB are read"),
+        # One reader for every input (zstudio.input_image), so the edit's wording: the file by name, the formats
+        # accepted, megapixels, "MiB is accepted".
+        ("text.png", 2.0, UpscaleLimits(), "image: text.png is not a PNG, JPEG, WebP or BMP image"),
+        ("anim.gif", 2.0, UpscaleLimits(), "image: anim.gif is not a PNG, JPEG, WebP or BMP image"),
+        ("bomb.png", 2.0, UpscaleLimits(), "image: bomb.png claims more pixels than Pillow's decompression-bomb"),
+        ("big.png", 2.0, UpscaleLimits(), "image: big.png is 5000x5000, 25.0 megapixels; at most 16.7772 are accepted"),
+        ("small.png", 2.0, UpscaleLimits(max_input_bytes=10), r"image: small.png is 0.0 MiB; at most 9.5\d*e-06 MiB"),
         ("small.png", 4.0, UpscaleLimits(max_side=16), "8x8 at 4x would be 32x32"),
-        ("missing.png", 2.0, UpscaleLimits(), "is not a file"),
+        ("missing.png", 2.0, UpscaleLimits(), "image: '.*missing.png' is not a file"),
     ]
     for name, scale, limits, message in cases:
         with pytest.raises(ParamError, match=message) as err:

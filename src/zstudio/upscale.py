@@ -9,7 +9,6 @@ and size, upscaler, architecture, scale, tile, refine strength, the source's own
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import logging
@@ -31,6 +30,7 @@ from PIL import Image
 
 from . import __version__
 from .devices import dtype_name
+from .input_image import read_input_image
 from .models import file_sha256
 from .outputs import EXTENSIONS, encode_image, read_metadata, write_file
 from .params import GenerationParams, ParamError
@@ -346,38 +346,16 @@ def check_refine(refine: Any) -> float | None:
 
 
 def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = UpscaleLimits()) -> SourceImage:
-    """Read and check an input before any model work: a file, of a supported format, not a decompression bomb, whose
-    result stays within `limits`."""
+    """Read and check an input before any model work (`zstudio.input_image`: a file within the byte and pixel caps,
+    of a supported format, not a decompression bomb) whose result stays within `limits`."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamError("image", f"{path} is not a file")
-    size = path.stat().st_size
-    if size > limits.max_input_bytes:
-        raise ParamError("image", f"{path} is {size / 2**20:.0f} MiB; at most {limits.max_input_bytes / 2**20:.0f} "
-                                  "MiB are read")  # fmt: skip
-    data = path.read_bytes()
+    read = read_input_image("image", path, limits.max_input_pixels, limits.max_input_bytes, INPUT_FORMATS, "RGB")
+    check_output_size(*read.image.size, scale, limits)
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ParamError("image", f"{path}: refused as a decompression bomb ({err})") from None
-    except (OSError, ValueError):
-        raise ParamError("image", f"{path} is not an image Pillow can read") from None
-    if image.format not in INPUT_FORMATS:
-        raise ParamError("image", f"{path} is {image.format}; supported are {', '.join(INPUT_FORMATS)}")
-    width, height = image.size
-    if width * height > limits.max_input_pixels:
-        raise ParamError("image", f"{path} is {width}x{height} ({width * height / 1e6:.1f} MP); at most "
-                                  f"{limits.max_input_pixels / 1e6:.1f} MP are upscaled")  # fmt: skip
-    check_output_size(width, height, scale, limits)
-    try:
-        image.load()
-    except (OSError, ValueError) as err:
-        raise ParamError("image", f"{path} is damaged: {err}") from None
-    try:
-        metadata = read_metadata(io.BytesIO(data))
+        metadata = read_metadata(io.BytesIO(read.data))
     except (ValueError, OSError):
         metadata = None
-    return SourceImage(image.convert("RGB"), path, hashlib.sha256(data).hexdigest(), image.format, metadata)
+    return SourceImage(read.image, path, read.sha256, read.format, metadata)
 
 
 def check_output_size(width: int, height: int, scale: float, limits: UpscaleLimits) -> None:
