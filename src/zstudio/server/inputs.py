@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from PIL import ImageOps
+
 from ..edit import read_image
 from ..params import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, ParamError
 
@@ -114,6 +116,14 @@ class InputStore:
         mask = alpha.point(lambda v: 255 if v == 0 else 0)  # only fully transparent pixels are edited
         buffer = io.BytesIO()
         mask.save(buffer, format="PNG")
+        return self.store_bytes(field, buffer.getvalue())
+
+    def inverted_mask(self, field: str, name: str) -> str:
+        """A mask with black = repaint (A1111's `inpainting_mask_invert`) as the engine's (white = repaint), kept as
+        an upload."""
+        image, _ = read_image(field, self.folder / name, MAX_INPUT_PIXELS, self.max_bytes)
+        buffer = io.BytesIO()
+        ImageOps.invert(image.convert("L")).save(buffer, format="PNG")
         return self.store_bytes(field, buffer.getvalue())
 
 
