@@ -9,6 +9,7 @@ and size, upscaler, architecture, scale, tile, refine strength, the source's own
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -49,9 +50,12 @@ DEFAULT_TILE = 512  # input pixels per tile side: a 4x RRDBNet (64 features) til
 # Input pixels of context around each tile, computed and cropped away. Exact (tiled == untiled) once it covers the
 # network's receptive field; released 23-block ESRGANs reach further in theory, but their weights fade within ~16 px.
 DEFAULT_MARGIN = 32
-# The fields of a draft's recipe that a re-render at the larger size keeps.
-RECIPE_FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "cfg_scale", "seed", "max_sequence_length",
-                 "cfg_normalization", "cfg_truncation")  # fmt: skip
+# The fields of a draft's recipe that a re-render at the larger size sets itself: it is image-to-image of the whole
+# upscaled draft (so no mask, outpaint or ControlNet: the draft already holds what they made), one image, at its own
+# size and strength. Every other field (prompt, negative prompt, steps, CFG and its normalization and truncation,
+# seed, max_sequence_length, LoRAs, output format) is the draft's.
+RERENDER_SETS = ("image", "mask", "strength", "outpaint", "mask_blur", "width", "height", "num_images", "control",
+                 "control_type", "control_preprocess", "control_scale", "control_start", "control_end")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -426,10 +430,17 @@ def refine_request(source: SourceImage, upscaled_file: Path, size: tuple[int, in
     if "params" not in meta:
         raise ParamError("refine", f"{source.path} carries no zstudio recipe (prompt, seed, ...) to re-render with; "
                                    "upscale it without --refine")  # fmt: skip
-    draft = {k: meta["params"][k] for k in RECIPE_FIELDS if k in meta["params"]}
+    draft = rerender_fields(meta["params"])
     width, height = size
     return GenerationParams.from_dict({**draft, "width": width, "height": height, "num_images": 1,
                                        "image": str(upscaled_file), "strength": refine})  # fmt: skip
+
+
+def rerender_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """A draft's recorded parameters less those a re-render sets (`RERENDER_SETS`) and any this version does not
+    know (a file from another version)."""
+    known = {f.name for f in dataclasses.fields(GenerationParams)} - set(RERENDER_SETS)
+    return {k: v for k, v in params.items() if k in known}
 
 
 def refine_size(width: int, height: int, scale: float) -> tuple[int, int]:

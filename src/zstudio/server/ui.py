@@ -300,6 +300,42 @@ def hires_request(path: str, side: int = HIRES_SIDE, strength: float = HIRES_STR
     return upscale.refine_request(source, source.path, size, strength)
 
 
+# A recipe's fields the edit tabs have no control for: sending a result to a tab (or re-rendering it) keeps them in
+# the tab's state, so the job it runs has the source's full recipe; a new upload clears them.
+HIDDEN_FIELDS = ("max_sequence_length", "output_format", "cfg_normalization", "cfg_truncation")
+
+
+def hidden_fields(params: dict[str, Any] | GenerationParams | None) -> dict[str, Any]:
+    """The fields of a recipe that no control of the edit tabs shows, and all its LoRAs when they are more than the
+    LoRA rows hold."""
+    if isinstance(params, GenerationParams):
+        params = params.to_dict()
+    if not params:
+        return {}
+    hidden = {name: params[name] for name in HIDDEN_FIELDS if name in params}
+    if len(params.get("loras") or ()) > LORA_ROWS:
+        hidden["loras"] = lora_pairs(_flat_loras(params["loras"]))
+    return hidden
+
+
+def _flat_loras(loras: Iterable[Any]) -> list[Any]:
+    values: list[Any] = []
+    for item in loras:
+        values += [item["name"], item["strength"]] if isinstance(item, dict) else list(item)
+    return values
+
+
+def with_hidden(fields: dict[str, Any], hidden: dict[str, Any] | None) -> dict[str, Any]:
+    """A tab's fields with the sent recipe's hidden ones; its LoRAs past the rows only while the rows still show its
+    first ones (rows the user changed win)."""
+    hidden = dict(hidden or {})
+    loras = hidden.pop("loras", None)
+    fields = {**fields, **hidden}
+    if loras and tuple(fields.get("loras", ())) == tuple(loras[:LORA_ROWS]):
+        fields["loras"] = loras
+    return fields
+
+
 # ---------------------------------------------------------------------------------------------------- the page
 @dataclass
 class Recipe:
@@ -471,6 +507,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=2):
                         i2i_image = source_image("img2img-")
+                        i2i_hidden = gr.State({})  # a sent recipe's fields without a control (HIDDEN_FIELDS)
                         i2i_prompt, i2i_negative = prompt_controls("img2img-")
                         i2i_strength = gr.Slider(0, 1, value=edit.IMAGE_TO_IMAGE_STRENGTH, step=0.05,
                                                  label=I18N("strength"), info=I18N("strength_info"),
@@ -492,6 +529,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             transforms=(),  # cropping would make the mask and the picture differ
                             elem_id="inpaint-editor",
                         )
+                        inp_hidden = gr.State({})
                         inp_prompt, inp_negative = prompt_controls("inpaint-")
                         with gr.Row():
                             outpaint = [gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SIDE, step=16,
@@ -551,30 +589,33 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         run_btn.click(generate, [*recipe.controls, width, height, *recipe.loras], follows(panel))
 
-        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, *loras):
+        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, hidden, *loras):
             lang = language(request)
             if not image:
                 raise gr.Error(text(lang, "no_image"))
-            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
+            fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
             make = lambda: edit_request(studio, fields, image, None, strength, w, h)  # noqa: E731
             yield from run_job(studio, lang, make, "img2img-progress")
 
-        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, *i2i.loras]
+        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, i2i_hidden, *i2i.loras]
         i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def inpaint(request: gr.Request, p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top,
-                    bottom, *loras):  # fmt: skip
+                    bottom, hidden, *loras):  # fmt: skip
             lang = language(request)
             if not value or value.get("background") is None:
                 raise gr.Error(text(lang, "no_image"))
             extend = dict(zip(OUTPAINT_SIDES, (left, right, top, bottom)))
             if painted_mask(value.get("layers")) is None and not any(extend.values()):
                 raise gr.Error(text(lang, "paint_mask"))
-            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
+            fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
             make = lambda: inpaint_request(studio, fields, value, strength, w, h, extend, blur)  # noqa: E731
             yield from run_job(studio, lang, make, "inpaint-progress")
 
-        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, *inp.loras]
+        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, inp_hidden,
+                      *inp.loras]  # fmt: skip
+        i2i_image.upload(dict, None, i2i_hidden)  # a new picture: no sent recipe's hidden fields
+        editor.upload(dict, None, inp_hidden)
         inp_run.click(inpaint, inp_inputs, follows(inp_panel))
 
         def run_upscale(path, scale, model, refine, request: gr.Request):
@@ -606,12 +647,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def to_img2img(path, request: gr.Request):
             path = source(path, request)
-            return [path, *recipe_updates(path), gr.Tabs(selected="img2img")]
+            return [path, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="img2img")]
 
         def to_inpaint(path, request: gr.Request):
             path = source(path, request)
             value = {"background": path, "layers": [], "composite": path}
-            return [value, *recipe_updates(path), gr.Tabs(selected="inpaint")]
+            return [value, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="inpaint")]
 
         def to_upscale(path, request: gr.Request):
             return source(path, request), 2.0, gr.Tabs(selected="upscale")
@@ -623,21 +664,22 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except ParamError as err:
                 raise gr.Error(error_message(language(request), err)) from None
             recipe_values = [p.prompt, p.negative_prompt, p.num_inference_steps, p.cfg_scale, p.seed, 1]
-            loras = lora_rows((recipe_of(path) or {}).get("loras"))  # the draft's LoRAs, re-rendered with it
-            return [path, *recipe_values, p.width, p.height, p.strength, *loras, gr.Tabs(selected="img2img")]
+            hidden = hidden_fields(p)  # the rest of the draft's recipe, which no control shows
+            return [path, *recipe_values, p.width, p.height, p.strength, *lora_rows(p.loras), hidden,
+                    gr.Tabs(selected="img2img")]  # fmt: skip
 
         i2i_recipe, inp_recipe = [*i2i.controls[:5], *i2i.loras], [*inp.controls[:5], *inp.loras]
         senders = [(r.chosen, r.sends) for r in (panel, i2i_panel, inp_panel, up_panel)]
         for chosen, sends in [*senders, (history_chosen, history_sends)]:
-            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, tabs])
-            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, tabs])
+            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, i2i_hidden, tabs])
+            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, inp_hidden, tabs])
             sends.upscale2.click(to_upscale, chosen, [up_image, up_scale, tabs]).success(
                 run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs
             )
             sends.rerender.click(
                 to_rerender,
                 chosen,
-                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, tabs],
+                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, i2i_hidden, tabs],
             ).success(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def load_history(page_number, request: gr.Request):
