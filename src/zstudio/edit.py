@@ -263,7 +263,9 @@ def _store_png(image: Image.Image, folder: Path) -> Path:
     image.save(buffer, format="PNG", compress_level=1)
     data = buffer.getvalue()
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
-    if not path.is_file():
+    if path.is_file():
+        os.utime(path)  # used again: a store that collects old files (zstudio.server.inputs) sees it as new
+    else:
         from .outputs import write_file
 
         folder.mkdir(parents=True, exist_ok=True)

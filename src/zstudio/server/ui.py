@@ -9,9 +9,7 @@ history's selected entry, can be sent to the edit tabs; "Use these settings" on 
 
 from __future__ import annotations
 
-import hashlib
 import random
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,14 +152,7 @@ def inputs_folder(studio: Studio) -> Path:
 def keep_file(studio: Studio, path: str) -> str:
     """A byte-for-byte copy of an uploaded or sent file in the inputs folder, named by its SHA-256: Gradio's cache
     copies can be deleted, and the copy keeps the recipe's hash equal to the file's (and a sent result's recipe)."""
-    data = Path(path).read_bytes()
-    folder = inputs_folder(studio)
-    kept = folder / f"{hashlib.sha256(data).hexdigest()}{Path(path).suffix.lower()}"
-    if not kept.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, kept.with_suffix(".part"))
-        kept.with_suffix(".part").replace(kept)
-    return str(kept)
+    return studio.inputs.keep_copy(path)
 
 
 def painted_mask(layers: list[Image.Image] | None) -> Image.Image | None:
