@@ -24,7 +24,16 @@ from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.params import GenerationParams
 from zstudio.server.app import create_app
-from zstudio.server.ui import edit_request, hires_request, inpaint_request, inputs_folder, run_job, upscale_job
+from zstudio.server.ui import (
+    edit_request,
+    file_recipe,
+    hires_request,
+    inpaint_request,
+    inputs_folder,
+    record_text,
+    run_job,
+    upscale_job,
+)
 from zstudio.upscale import RERENDER_SETS
 
 CHROMIUM = shutil.which("chromium")
@@ -124,6 +133,23 @@ def test_rerender_and_send_keep_every_field_of_the_sources_recipe(served):
     sent = run_wired(studio.blocks, "to_img2img", "image_to_image", draft)
     assert {k: v for k, v in sent.items() if k not in RERENDER_SETS} == kept
     assert (sent["width"], sent["height"]) == (64, 64)
+
+
+def test_the_history_shows_an_edits_source_mask_and_strength(served, draft):
+    _, studio = served
+    mask = Image.new("L", Image.open(draft).size, 0)
+    mask.paste(255, (64, 64, 128, 128))
+    out = finish(run_job(studio, "en", lambda: edit_request(studio, RECIPE, draft, mask, 0.8, mask_blur=2)))[5][0]
+    (record,) = [r for r in studio.queue.history.page(limit=5) if r["outputs"] == [out.rsplit("/", 1)[1]]]
+    recipe = file_recipe(out)
+    source_sha = hashlib.sha256(open(draft, "rb").read()).hexdigest()
+    mask_sha = recipe["edit"]["mask"]["sha256"]
+    line = record_text(record, "en", recipe)
+    # The UI keeps its own copy of the source, named by its SHA-256.
+    assert f"**Inpaint** of `{source_sha}.png` (256x256, PNG, sha256 `{source_sha}`) · strength 0.8" in line
+    assert f"mask `{mask_sha}.png` (sha256 `{mask_sha}`) · mask blur 2 px" in line
+    assert "**局部重绘**" in record_text(record, "zh", recipe)
+    assert "Inpaint" not in record_text(record, "en")  # without the file's recipe: the generation's line only
 
 
 def test_bad_edits_are_refused_in_one_line_in_the_users_language(served, draft, tmp_path):

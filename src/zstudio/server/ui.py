@@ -239,16 +239,54 @@ def history_caption(record: dict[str, Any], lang: str) -> str:
     return f"{p['prompt'][:60]} · {record['status']}"
 
 
-def record_text(record: dict[str, Any], lang: str) -> str:
-    """The selected history entry, described: a generation's recipe, or what an upscale enlarged and how."""
+def record_text(record: dict[str, Any], lang: str, recipe: dict[str, Any] | None = None) -> str:
+    """The selected history entry, described: a generation's recipe, or what an upscale enlarged and how; with
+    `recipe` (its first file's record), also an edit's or an upscale's source (size, SHA-256), mask and settings."""
     p, seconds = record["params"], record["seconds"] or 0
     if is_upscale(record):
-        return text(lang, "upscale_record", scale=p["scale"], source=p["source"], upscaler=p["upscaler"],
+        line = text(lang, "upscale_record", scale=p["scale"], source=p["source"], upscaler=p["upscaler"],
                     refine=p["refine"] or 0, width=p["width"], height=p["height"], seconds=seconds,
                     prompt=p["prompt"])  # fmt: skip
-    return text(lang, "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—", width=p["width"],
+        return line + (f"  \n{upscale_text(recipe, lang)}" if recipe and "upscale" in recipe else "")
+    line = text(lang, "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—", width=p["width"],
                 height=p["height"], steps=p["num_inference_steps"], cfg=p["cfg_scale"], seeds=record["seeds"],
                 seconds=seconds)  # fmt: skip
+    return line + (f"  \n{edit_text(recipe, lang)}" if recipe and recipe.get("edit") else "")
+
+
+def edit_text(recipe: dict[str, Any], lang: str) -> str:
+    """An edited picture's recipe in one line: mode, source (name, size, format, SHA-256), strength, how it was fitted,
+    the mask (name and SHA-256, or where it came from), its blur and any outpaint."""
+    p, done = recipe["params"], recipe["edit"]
+    source, mask = done["source"], done.get("mask") or {}
+    line = text(lang, "edit_record", mode=text(lang, f"mode_{done['mode']}"), image=Path(p["image"]).name,
+                size=f"{source['width']}x{source['height']}", format=source["format"], sha256=source["sha256"],
+                strength=done["strength"], fit=text(lang, f"fit_{done['fit']}"), width=p["width"],
+                height=p["height"])  # fmt: skip
+    if mask.get("from") == "file":
+        line += text(lang, "edit_mask_file", mask=Path(p["mask"] or "").name, sha256=mask.get("sha256"),
+                     blur=done["mask_blur"])  # fmt: skip
+    elif mask:
+        line += text(lang, f"edit_mask_{mask['from']}", blur=done["mask_blur"])
+    if done.get("outpaint"):
+        line += text(lang, "edit_outpaint", sides=", ".join(f"{side} {px}" for side, px in done["outpaint"].items()))
+    return line
+
+
+def upscale_text(recipe: dict[str, Any], lang: str) -> str:
+    """An upscale's source (size, SHA-256) and upscaler (architecture, native scale) from its file's recipe."""
+    source, model = recipe["source"], recipe["upscale"]["upscaler"]
+    return text(lang, "upscale_source", width=source["width"], height=source["height"], sha256=source["sha256"],
+                upscaler=model["name"], architecture=model["architecture"],
+                native=f"{model['native_scale']}x" if model["native_scale"] else "—")  # fmt: skip
+
+
+def file_recipe(path: Path) -> dict[str, Any] | None:
+    """A file's zstudio record, or None (gone, or made by another tool)."""
+    try:
+        return read_metadata(path)
+    except (ValueError, OSError):
+        return None
 
 
 def upscale_settings(studio: Studio, record: dict[str, Any], lang: str) -> tuple[Any, Any, Any, Any]:
@@ -699,7 +737,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def select(records, evt: gr.SelectData, request: gr.Request):
             record = records[evt.index]
-            return record, record_text(record, language(request)), str(studio.outputs / record["outputs"][0])
+            file = studio.outputs / record["outputs"][0]
+            return record, record_text(record, language(request), file_recipe(file)), str(file)
 
         history_gallery.select(select, history_records, [selected, history_info, history_chosen])
         generate_controls = [*recipe.controls, width, height, *recipe.loras]
