@@ -258,6 +258,10 @@ def test_cli_upscale_writes_a_png_with_the_recipe_and_show_prints_it(tmp_path, m
     assert shown.exit_code == 0, shown.output
     assert "24x16 -> 48x32 (2x)" in shown.stdout and "RealESRGAN_x2plus (ESRGAN, native scale 2)" in shown.stdout
     assert source["sha256"] in shown.stdout and '"a red circle" seed 7' in shown.stdout
+    assert f"upscaler file    RealESRGAN_x2plus.safetensors sha256 {up['upscaler']['sha256']} (cpu, float32)" in (
+        shown.stdout
+    )
+    assert f"source           {draft.name} sha256 {source['sha256']} (PNG)" in shown.stdout
 
 
 def test_cli_lists_upscalers_with_the_lanczos_fallback(models, monkeypatch):
