@@ -296,13 +296,17 @@ def test_cli_refusals_exit_2_with_one_line_and_write_nothing(tmp_path, draft, ar
 def test_hires_fix_rerenders_the_upscaled_draft_with_its_own_recipe(generator, tmp_path):
     from conftest import SMALL
 
-    draft_path = generator.generate(prompt="a blue square", seed=11, num_inference_steps=2, **SMALL,
-                                    output_dir=tmp_path)[0][0]  # fmt: skip
+    extras = {"negative_prompt": "dull", "cfg_scale": 1.5, "max_sequence_length": 64, "cfg_normalization": 1.1,
+              "cfg_truncation": 0.8}  # fmt: skip
+    draft_path = generator.generate(prompt="a blue square", seed=11, num_inference_steps=2, **SMALL, **extras,
+                                    output_format="webp", output_dir=tmp_path)[0][0]  # fmt: skip
     result = generator.upscale(draft_path, scale=1.5, refine=0.3, output_dir=tmp_path / "out")
     meta = read_metadata(result.path)
     assert Image.open(result.path).size == (384, 384)
     p = meta["params"]
     assert (p["prompt"], p["seed"], p["num_inference_steps"], p["strength"]) == ("a blue square", 11, 2, 0.3)
+    assert {k: p[k] for k in extras} == extras  # the whole recipe, not only prompt, seed and steps
+    assert p["output_format"] == "png" and Image.open(result.path).format == "PNG"  # what an upscale writes
     assert (p["width"], p["height"]) == (384, 384)
     assert meta["upscale"]["refine"] == 0.3 and meta["source"]["metadata"]["params"]["width"] == 256
 

@@ -459,7 +459,8 @@ def hires_fix(generator: Generator, source: SourceImage, upscaler: Upscaler, sca
     with tempfile.TemporaryDirectory(prefix="zstudio-hires-") as folder:
         draft_file = Path(folder) / "upscaled.png"
         upscaled.save(draft_file)
-        params = refine_request(source, draft_file, size, refine)
+        # The result is written as a PNG (save_result), whatever format the draft was saved in.
+        params = refine_request(source, draft_file, size, refine).replace(output_format="png")
         result = generator.generate_images(params)
     seconds = round(time.perf_counter() - start, 4)
     meta = {**result.metadata[0], **recipe(source, upscaler, scale, tile, refine, size, seconds)}
