@@ -367,18 +367,13 @@ def edit_20_seeds(demo, **fields):
 
 
 def test_demo_image_to_image_changes_the_colour_and_follows_the_source(demo, red_circle):
-    """The issue asks for colour changed and position kept in 80% of 20 seeds at strength 0.6-0.8. The first demo
-    model does not reach it (2026-11, version 1 at 64x64, default 20 steps, CFG 3, 20 seeds): at 0.6 the position is
-    kept in 20/20 but the colour changes in 1/20; from 0.7 the colour changes in 17-18/20 but the shape drifts
-    (position kept 10-12/20); both at once: 1, 6, 10, 12 and 10 of 20 at 0.6, 0.65, 0.7, 0.75, 0.8. Asserted here:
-    those measured bars, each with a little room, so a source that stops steering or a prompt that stops
-    recolouring fails."""
-    low = edit_20_seeds(demo, image=str(red_circle), strength=0.6)
-    assert sum(j.position == "centre" for j in low) >= 18  # the source steers at 0.6: measured 20/20 ...
-    assert sum(j.color != "green" for j in low) >= 17  # ... and its colour mostly holds (19/20)
-    high = edit_20_seeds(demo, image=str(red_circle), strength=0.75)
-    assert sum(j.color == "green" and j.background == "blue" for j in high) >= 16  # measured 18/20
-    assert sum(j.color == "green" and j.position == "centre" for j in high) >= 10  # 12/20; the issue's bar, 16, unmet
+    """The issue's bar: at strength 0.6-0.8 the shape's colour changes and its position holds in at least 80% of 20
+    seeds. Measured on demo model version 2 (128x128, 20 steps, CFG 3): 20/20 at 0.6, 0.7 and 0.8 (colour green,
+    background blue, centred, a circle). Asserted at both ends of the range, with the issue's 16 of 20."""
+    for strength in (0.6, 0.8):
+        judged = edit_20_seeds(demo, image=str(red_circle), strength=strength)
+        right = [j.color == "green" and j.background == "blue" and j.position == "centre" for j in judged]
+        assert sum(right) >= 16, (strength, judged)
 
 
 def test_demo_inpainting_repaints_only_inside_the_mask(demo, red_circle, tmp_path):
