@@ -141,9 +141,9 @@ def _types(folder: Path) -> tuple[str, ...]:
     return UNION_TYPES
 
 
-def load(source: ControlNetSource, transformer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The ControlNet on `device`, sharing the transformer's embedders and refiners as diffusers' pipeline makes it
-    (`ZImageControlNetModel.from_transformer`)."""
+def load(source: ControlNetSource, dtype: torch.dtype) -> Any:
+    """The ControlNet's own weights in CPU memory; `Generator.install_controlnet` shares the transformer's embedders
+    and refiners with it (`ZImageControlNetModel.from_transformer`) and places it for the memory mode."""
     from diffusers import ZImageControlNetModel
 
     from .models import quiet_loading
@@ -154,8 +154,13 @@ def load(source: ControlNetSource, transformer: Any, device: torch.device, dtype
         else:
             config = str(source.config) if source.config else None
             controlnet = ZImageControlNetModel.from_single_file(str(source.path), config=config, torch_dtype=dtype)
-    controlnet = ZImageControlNetModel.from_transformer(controlnet, transformer)
-    return controlnet.to(device).eval()
+    return controlnet.eval()
+
+
+def size_gib(source: ControlNetSource) -> float:
+    """GiB of the ControlNet's own weights as stored (what it adds to a memory mode's estimate)."""
+    files = [source.path] if source.path.is_file() else list(source.path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / 2**30
 
 
 # ------------------------------------------------------------------------------------------- inputs

@@ -153,13 +153,10 @@ class Generator:
 
     def validate_control(self, params: GenerationParams) -> control.ControlInput | None:
         """A request's control image, checked and fitted to its output size before any weights load (the server
-        calls this at submit time too). Control runs on resident, uncompiled weights this round: refused otherwise."""
+        calls this at submit time too)."""
         if params.control is None:
             return None
         controlnet = self.resolve_controlnet()
-        if controlnet is not None and (self.memory != "resident" or self.compiled):
-            raise ParamError("control", f"ControlNet runs in memory mode resident with speed eager or exact for now "
-                                        f"(this engine: {self.memory}, {self.speed})")  # fmt: skip
         sized = self.profile.resolve(params)
         return control.validate(params, controlnet, sized.width, sized.height)
 
@@ -207,7 +204,7 @@ class Generator:
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
                 if self.resolve_controlnet() is not None:
-                    self.controlnet = control.load(self.controlnet_source, pipe.transformer, self.device, self.dtype)
+                    self.install_controlnet(control.load(self.controlnet_source, self.dtype))
                 self.load_seconds = time.perf_counter() - start
                 log.info(
                     "loaded %s on %s (%s, speed %s) in %.1f s",
@@ -218,6 +215,20 @@ class Generator:
                     self.load_seconds,
                 )
         return self
+
+    def install_controlnet(self, controlnet: Any, source: control.ControlNetSource | None = None) -> None:
+        """Put a loaded `ZImageControlNetModel` beside the transformer: sharing its embedders and refiners (diffusers'
+        `from_transformer`), placed for the memory mode and sped up as the transformer is (`speed_up_controlnet`).
+        `source` names weights that did not come from `--controlnet` (the benchmark's random ones)."""
+        from diffusers import ZImageControlNetModel
+
+        from .speed import speed_up_controlnet
+
+        if source is not None:
+            self.controlnet_source, self.controlnet_spec = source, source.spec
+        self.controlnet = ZImageControlNetModel.from_transformer(controlnet, self.pipe.transformer)
+        self.controlnet.to(self.device)
+        speed_up_controlnet(self.controlnet, self.speed)
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] | None = None) -> float:
         """Unsaved generations before the first request, so that no request pays for compiling or allocating.
@@ -237,13 +248,25 @@ class Generator:
                     with torch.inference_mode():  # as in a generation: grad mode is part of the compiled graph's key
                         self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
                 log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)
+        if self.controlnet is not None and self.compiled:
+            runs += control_warmup_runs(runs, self._warmup_control_image(p.width, p.height))
         for i, params in enumerate(runs, 1):
-            log.info("warm-up %d/%d: %dx%d, batch %d%s", i, len(runs), params.width, params.height,
-                     params.num_images, ", guided" if params.cfg_scale else "")  # fmt: skip
+            log.info("warm-up %d/%d: %dx%d, batch %d%s%s", i, len(runs), params.width, params.height,
+                     params.num_images, ", guided" if params.cfg_scale else "",
+                     ", controlled" if params.control else "")  # fmt: skip
             self.generate_images(params)
         seconds = time.perf_counter() - start
         log.info("warmed up (%d runs) in %.1f s", len(runs), seconds)
         return seconds
+
+    def _warmup_control_image(self, width: int, height: int) -> str:
+        """A plain grey control image for the warm-up's controlled runs (what it shows does not matter to the
+        compiler: only shapes do)."""
+        path = self.settings.cache_dir / "inputs" / f"warmup-control-{width}x{height}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (width, height), (128, 128, 128)).save(path)
+        return str(path)
 
     @classmethod
     def from_pipeline(cls, pipe, source: models.ModelSource, speed: str = "eager", **kwargs: Any) -> Generator:
@@ -743,6 +766,15 @@ def warmup_runs(sizes: list[tuple[int, int]], default: tuple[int, int]) -> list[
     guided = {**one_step, "cfg_scale": 2.0, "negative_prompt": "a longer negative prompt " * 4}
     runs += [GenerationParams(**guided, width=width, height=height, num_images=n) for n in (1, 2)]
     return runs
+
+
+def control_warmup_runs(runs: list[GenerationParams], image: str) -> list[GenerationParams]:
+    """The warm-up's runs at the default size again with a control image: batch 1 to 4, and guided (the ControlNet's
+    block variants; its shapes are symbolic, so one size covers the others)."""
+    first = runs[0] if len(runs) == 1 else next(r for r in runs if r.num_images > 1)
+    size = {"width": first.width, "height": first.height}
+    same = [r for r in runs if (r.width, r.height) == (size["width"], size["height"])]
+    return [r.replace(control=image) for r in same]
 
 
 _generator: Generator | None = None

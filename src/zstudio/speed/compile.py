@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+# The compiler backend of every graph compiled here; tests swap in "eager" (dynamo's tracing, guards and recompiles
+# exactly as with inductor, without generating kernels, which takes minutes on a CPU).
+BACKEND = "inductor"
+
 
 def use_persistent_cache(folder: Path) -> None:
     """Keep inductor's caches in `folder` (unless TORCHINDUCTOR_CACHE_DIR is set): /tmp does not survive reboots."""
@@ -34,14 +38,29 @@ def _allow_variants() -> None:
 def compile_blocks(transformer) -> None:
     """Regional compilation with symbolic shapes: one block's graph, reused by every block and every request size."""
     _allow_variants()
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=BACKEND)
 
 
 def compile_transformer(transformer, graphs: bool = False) -> None:
     """The whole model as one graph, replayed as CUDA graphs (ZSTUDIO_CUDA_GRAPHS=all, opt-in): each new batch size
     or padding case compiles again, so the warm-up covers the offered shapes."""
     _allow_variants()
-    transformer.compile(mode="reduce-overhead" if graphs else None)
+    transformer.compile(mode="reduce-overhead" if graphs else None, backend=BACKEND)
+
+
+def compile_control_blocks(controlnet) -> None:
+    """The ControlNet's own blocks compiled as the transformer's are (symbolic shapes, one code object for all of
+    them); the blocks it shares with the transformer (refiners) are compiled already. Each control block differs in
+    how many hints it stacks (its position), a guard per position: up to 15 graph variants per batch/mask case for
+    the Union 2.x layout, so the cache limit is raised to hold them all."""
+    from diffusers.models.controlnets.controlnet_z_image import ZImageControlTransformerBlock
+
+    _allow_variants()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    for block in controlnet.modules():
+        if isinstance(block, ZImageControlTransformerBlock):
+            block.compile(fullgraph=True, dynamic=True, backend=BACKEND)
 
 
 def drop_graphs() -> None:
@@ -63,4 +82,4 @@ def uncompile(transformer) -> None:
 
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile(dynamic=True)
+    vae.decoder.compile(dynamic=True, backend=BACKEND)

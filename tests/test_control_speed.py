@@ -1,0 +1,58 @@
+"""ControlNet in the compiled speed modes (zstudio.speed.speed_up_controlnet), on the tiny checkpoint, CPU fp32.
+
+The fast modes need a CUDA GPU, so the test installs on a CPU generator what they install on a GPU (the same
+functions), with the compiler backend swapped to "eager": dynamo still traces every graph, guards it and recompiles
+when a guard fails exactly as with inductor (recompiles are decided before the backend is called), only no kernels
+are generated. Counting the graphs dynamo hands to the backend therefore counts compiles, in seconds instead of the
+minutes inductor takes on a CPU.
+"""
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from zstudio import GenerationParams, Generator
+from zstudio.engine import control_warmup_runs, warmup_runs
+from zstudio.speed import compile as compile_module
+from zstudio.speed import speed_up_controlnet, speed_up_transformer
+from zstudio.tiny import CONTROLNET_FOLDER
+
+
+def test_control_on_and_off_after_the_warmup_compiles_nothing(tiny_dir, tmp_path, monkeypatch):
+    compiled = []
+
+    def counting_backend(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    picture = Image.new("RGB", (128, 128), "black")
+    ImageDraw.Draw(picture).ellipse((30, 30, 100, 100), fill="white")
+    picture.save(tmp_path / "disc.png")
+    generator = Generator(model=str(tiny_dir), device="cpu", speed="exact", outputs=tmp_path,
+                          controlnet=str(tiny_dir / CONTROLNET_FOLDER)).load()  # fmt: skip
+
+    def request(with_control: bool, n: int = 1, cfg: float = 0.0):
+        extra = {"control": str(tmp_path / "disc.png"), "control_scale": 0.9} if with_control else {}
+        params = GenerationParams(prompt="a white disc, a longer prompt than the warm-up's", width=128, height=128,
+                                  num_inference_steps=2, seed=5, num_images=n, cfg_scale=cfg, **extra)  # fmt: skip
+        return [np.asarray(image).astype(int) for image in generator.generate_images(params).images]
+
+    eager_with, eager_without = request(True), request(False)
+    monkeypatch.setattr(compile_module, "BACKEND", counting_backend)
+    torch._dynamo.reset()
+    try:
+        speed_up_transformer(generator.pipe.transformer, "fast")
+        speed_up_controlnet(generator.controlnet, "fast")
+        assert all(b._compiled_call_impl is not None for b in generator.controlnet.control_layers)
+        runs = [r.replace(num_inference_steps=1) for r in warmup_runs([(128, 128)], (128, 128))]
+        for params in runs + control_warmup_runs(runs, str(tmp_path / "disc.png")):
+            generator.generate_images(params)
+        warm = len(compiled)
+        assert warm > 0  # the warm-up did compile the blocks
+        later = [request(True), request(False), request(True, n=3), request(False, n=2), request(True, cfg=2.0)]
+        assert len(compiled) == warm  # control switched on and off, other batches, guidance: no new graph
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(later[0][0] - eager_with[0]).max() <= 1  # the compiled ControlNet draws what the eager one does
+    assert np.abs(later[1][0] - eager_without[0]).max() <= 1
+    assert np.abs(later[0][0] - later[1][0]).max() > 8  # and control still changes the picture
