@@ -56,3 +56,15 @@ def test_control_on_and_off_after_the_warmup_compiles_nothing(tiny_dir, tmp_path
     assert np.abs(later[0][0] - eager_with[0]).max() <= 1  # the compiled ControlNet draws what the eager one does
     assert np.abs(later[1][0] - eager_without[0]).max() <= 1
     assert np.abs(later[0][0] - later[1][0]).max() > 8  # and control still changes the picture
+
+
+def test_control_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_path):
+    import json
+
+    from zstudio.bench.control import main
+
+    report = main(["--folder", str(tiny_dir), "--json", str(tmp_path / "r.json"), "--size", "128x128", "--steps", "1",
+                   "--repeats", "1", "--device", "cpu"])  # fmt: skip
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["per_image_s"].keys() == {"without", "with", "without_again"}
+    assert report["ratio"] > 0 and report["graphs_compiled_after_warmup"] == 0
