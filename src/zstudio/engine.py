@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +178,19 @@ class Generator:
         """`auto` again, now that the model is known: its own weights and its own image size, not Z-Image's."""
         if self.memory_requested != "auto" or self.device.type != "cuda":
             return
-        weights = ModelWeights.from_folder(source.path)
+        weights = self.model_weights(source)
         free = free_memory_bytes(self.device)
         p = source.profile
         self.memory, note = choose_memory("auto", self.device, free, p.width, p.height, weights)
         log.info(note)
         self._match_speed_to_memory()
+
+    def model_weights(self, source: models.ModelSource) -> ModelWeights:
+        """GiB per component as the memory estimate counts them: the model's files, and a configured ControlNet's."""
+        weights = ModelWeights.from_folder(source.path)
+        if self.resolve_controlnet() is not None:
+            weights = replace(weights, controlnet=control.size_gib(self.controlnet_source))
+        return weights
 
     def _match_speed_to_memory(self) -> None:
         if self.memory in ("8bit", *STREAMED) and self.compiled:
@@ -200,11 +207,16 @@ class Generator:
                 start = time.perf_counter()
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
+                controlnet = None
+                if self.resolve_controlnet() is not None:
+                    controlnet = control.load(self.controlnet_source, self.dtype)
+                    # Streamed: the ControlNet's copies of the transformer's parts, taken before its streaming hooks.
+                    controlnet = control.attach(controlnet, pipe.transformer, own_copies=self.memory in STREAMED)
                 apply_memory(pipe, self.memory, self.device)
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
-                if self.resolve_controlnet() is not None:
-                    self.install_controlnet(control.load(self.controlnet_source, self.dtype))
+                if controlnet is not None:
+                    self.install_controlnet(controlnet)
                 self.load_seconds = time.perf_counter() - start
                 log.info(
                     "loaded %s on %s (%s, speed %s) in %.1f s",
@@ -220,15 +232,24 @@ class Generator:
         """Put a loaded `ZImageControlNetModel` beside the transformer: sharing its embedders and refiners (diffusers'
         `from_transformer`), placed for the memory mode and sped up as the transformer is (`speed_up_controlnet`).
         `source` names weights that did not come from `--controlnet` (the benchmark's random ones)."""
-        from diffusers import ZImageControlNetModel
-
         from .speed import speed_up_controlnet
 
         if source is not None:
             self.controlnet_source, self.controlnet_spec = source, source.spec
-        self.controlnet = ZImageControlNetModel.from_transformer(controlnet, self.pipe.transformer)
-        self.controlnet.to(self.device)
+        self.controlnet = control.attach(controlnet, self.pipe.transformer, own_copies=self.memory in STREAMED)
+        self._place_controlnet()
         speed_up_controlnet(self.controlnet, self.speed)
+
+    def _place_controlnet(self) -> None:
+        """The ControlNet where its memory mode keeps it: resident in bf16 beside the transformer (resident,
+        offload-text, and 8bit: its hints are added to the transformer's activations, so they stay as trained), or
+        streamed block by block like the transformer (stream, lowest)."""
+        if self.memory in STREAMED and self.device.type == "cuda":
+            from .memory import stream_weights
+
+            stream_weights(self.controlnet, self.device, leaf=self.memory == "lowest", low_ram=self.memory == "lowest")
+        else:
+            self.controlnet.to(self.device)
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] | None = None) -> float:
         """Unsaved generations before the first request, so that no request pays for compiling or allocating.
@@ -419,6 +440,8 @@ class Generator:
             from .speed.compile import drop_graphs, uncompile
 
             uncompile(self.pipe.transformer)  # lower modes run uncompiled
+            if self.controlnet is not None:
+                uncompile(self.controlnet)
             if self.device.type == "cuda":
                 drop_graphs()
             self.memory = mode
@@ -435,7 +458,11 @@ class Generator:
                 # the 8-bit copy of a layer beside all the bf16 weights, which a card that just ran out lacks.
                 self.pipe.transformer.to("cpu")
                 free_after_failure(self.device)
+            if self.controlnet is not None:  # shared again with a reloaded transformer, or copied before streaming
+                self.controlnet = control.attach(self.controlnet, self.pipe.transformer, own_copies=mode in STREAMED)
             apply_memory(self.pipe, mode, self.device)
+            if self.controlnet is not None:
+                self._place_controlnet()
             if self.token_encoder is not None and self.token_encoder.graphs:
                 from .speed.text_encoder import TokenEncoder
 
