@@ -387,9 +387,6 @@ class Generator:
         if source is not None:
             params = source.params
         control_input = self.validate_control(params)
-        if control_input is not None and source is not None and source.mask is not None:
-            raise ParamError("control", "with inpainting (a mask, transparency or an outpaint) is not built yet; "
-                                        "use control with text-to-image or image-to-image")  # fmt: skip
         if control_input is not None:
             params = params.replace(control=str(Path(params.control).resolve()))  # remade from any folder
         self.load()
@@ -487,9 +484,14 @@ class Generator:
             strength = params.strength if source is not None else 1.0
             timesteps = self.prepare_timesteps(params.num_inference_steps, latents, strength)
             image_start = self.encode_image(source, seeds, timesteps) if source is not None else None
+            control_inpaint = control_input is not None and source is not None and source.mask is not None
+            if control_inpaint:
+                image_start = self.control_inpaint_start(image_start, strength)
             if image_start is not None:
                 latents = image_start.latents  # an edit starts from its noised source, not from pure noise
-            hint = self.encode_control(control_input, params) if control_input is not None else None
+            hint = None
+            if control_input is not None:
+                hint = self.encode_control(control_input, params, source if control_inpaint else None)
             latents = self.denoise(latents, timesteps, cond, uncond, params, progress, image_start, hint)
             self._sync()
             t_denoised = time.perf_counter()
@@ -639,20 +641,49 @@ class Generator:
         mask = source.latent_mask(noise.shape[-2:]).to(self.device) if source.mask is not None else None
         return ImageStart(latents=latents, noise=noise, image_latents=image_latents, mask=mask)
 
-    def encode_control(self, control_input: control.ControlInput, params: GenerationParams) -> ControlHint:
+    def encode_control(self, control_input: control.ControlInput, params: GenerationParams,
+                       inpaint: edit.EditInput | None = None) -> ControlHint:  # fmt: skip
         """The control image through the VAE once, as diffusers' ZImageControlNetPipeline does: its image processor,
         the latent distribution's mode, shift and scale, then zeros up to the ControlNet's `control_in_dim` (the
-        inpainting channels of Union 2.x, unused without a mask)."""
+        inpainting channels of Union 2.x). With `inpaint` (an edit with a mask) those channels carry what
+        ZImageControlNetInpaintPipeline puts there: the kept area (1 - mask, at the latents' size) and the latents of
+        the picture with the repainted area blacked out."""
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = self.pipe.vae
         pixels = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE).preprocess(control_input.image)
-        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+        latents = self.control_latents(pixels)
         missing = self.controlnet.config.control_in_dim - latents.shape[1]
-        if missing > 0:
+        if inpaint is not None and missing == 1 + latents.shape[1]:
+            keep = 1 - inpaint.latent_mask(latents.shape[-2:]).to(self.device, latents.dtype)
+            binarise = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE // 2, do_normalize=False,
+                                         do_binarize=True, do_convert_grayscale=True)  # fmt: skip
+            mask = binarise.preprocess(inpaint.mask, height=pixels.shape[-2], width=pixels.shape[-1])
+            masked = self.control_latents(inpaint.pixels() * (mask < 0.5))
+            latents = torch.cat([latents, keep.unsqueeze(2), masked], dim=1)
+        elif inpaint is not None:
+            raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
+                                     f"control_in_dim 33); {self.controlnet_spec} has "
+                                     f"{self.controlnet.config.control_in_dim}")  # fmt: skip
+        elif missing > 0:
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
         return ControlHint(latents, params.control_scale, params.control_start, params.control_end)
+
+    def control_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] to the ControlNet's latents: the VAE's mode, shifted and scaled, with a frame axis."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+
+    @staticmethod
+    def control_inpaint_start(image_start: ImageStart, strength: float) -> ImageStart | None:
+        """Inpainting with control follows diffusers' ZImageControlNetInpaintPipeline: the ControlNet gets the mask
+        and the kept picture (`encode_control`), and the latents are not blended with the source between steps. At
+        strength 1 (the inpainting default) denoising starts from pure noise, as that pipeline does; below 1 from the
+        noised source (image-to-image). The kept area is pasted back after decoding (`EditInput.overlay`)."""
+        if strength >= 1.0:
+            return None
+        image_start.mask = None
+        return image_start
 
     def denoise(
         self,
