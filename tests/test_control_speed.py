@@ -43,7 +43,7 @@ def test_control_on_and_off_after_the_warmup_compiles_nothing(tiny_dir, tmp_path
     try:
         speed_up_transformer(generator.pipe.transformer, "fast")
         speed_up_controlnet(generator.controlnet, "fast")
-        assert all(b._compiled_call_impl is not None for b in generator.controlnet.control_layers)
+        assert all(b._zstudio_compiled_core for b in generator.controlnet.control_layers)  # the compiled middle
         runs = [r.replace(num_inference_steps=1) for r in warmup_runs([(128, 128)], (128, 128))]
         for params in runs + control_warmup_runs(runs, str(tmp_path / "disc.png")):
             generator.generate_images(params)
@@ -68,3 +68,50 @@ def test_control_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_path):
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["per_image_s"].keys() == {"without", "with", "without_again"}
     assert report["ratio"] > 0 and report["graphs_compiled_after_warmup"] == 0
+
+
+def test_compiled_control_blocks_match_diffusers_and_do_not_grow_with_the_block_count(tiny_dir, monkeypatch):
+    """The control block's forward with its middle compiled gives diffusers' `ZImageControlTransformerBlock.forward`
+    outputs exactly (this fails the day diffusers changes the block), and a ControlNet of 6 control blocks compiles
+    no more graphs than one of 2: the position-dependent stacking is left out of the graph."""
+    from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+
+    from zstudio.tiny import TINY_SIZES, build_controlnet
+
+    compiled = []
+
+    def counting_backend(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(compile_module, "BACKEND", counting_backend)
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    torch.manual_seed(0)
+    counts = []
+    for places in ([0, 1], [0, 1, 2, 3, 4, 5]):
+        controlnet = build_controlnet(TINY_SIZES)
+        config = {**controlnet.config, "control_layers_places": places}
+        controlnet = ZImageControlNetModel.from_config(config)
+        with torch.no_grad():
+            for p in controlnet.parameters():
+                p.normal_(0, 0.05)
+        controlnet = ZImageControlNetModel.from_transformer(controlnet.eval(), transformer)
+        latents = [torch.randn(16, 1, 8, 8)]
+        prompt = [torch.randn(7, transformer.config.cap_feat_dim)]
+        context = torch.randn(1, controlnet.config.control_in_dim, 1, 8, 8)
+        timestep = torch.tensor([0.5])
+        with torch.inference_mode():
+            reference = controlnet(latents, timestep, prompt, context, conditioning_scale=1.0)
+            torch._dynamo.reset()
+            compiled.clear()
+            try:
+                compile_module.compile_control_blocks(controlnet)
+                ours = controlnet(latents, timestep, prompt, context, conditioning_scale=1.0)
+                counts.append(len(compiled))
+            finally:
+                compile_module.uncompile(controlnet)
+                torch._dynamo.reset()
+            assert not any("forward" in vars(b) for b in controlnet.control_layers)  # uncompile restores diffusers'
+
+        assert reference.keys() == ours.keys() and all(torch.equal(reference[k], ours[k]) for k in reference)
+    assert counts[0] == counts[1] and counts[0] > 0

@@ -14,6 +14,7 @@ traces, and loads the compiled kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -49,18 +50,37 @@ def compile_transformer(transformer, graphs: bool = False) -> None:
 
 
 def compile_control_blocks(controlnet) -> None:
-    """The ControlNet's own blocks compiled as the transformer's are (symbolic shapes, one code object for all of
-    them); the blocks it shares with the transformer (refiners) are compiled already. Each control block differs in
-    how many hints it stacks (its position), a guard per position: up to 15 graph variants per batch/mask case for
-    the Union 2.x layout, so the cache limit is raised to hold them all."""
+    """The ControlNet's own blocks compiled like the transformer's (symbolic shapes, one graph serving every block).
+
+    A control block is a transformer block between two steps that depend on its position: it unbinds the hints the
+    blocks before it stacked, and stacks one more. Compiled whole, each position is a graph of its own (dynamo guards
+    on the stack's length): 17 for Union 2.x, per batch and guidance case, minutes of warm-up each. So only the
+    middle is compiled (exactly diffusers' `ZImageTransformerBlock.forward`, the control block as `self`), and the
+    unbinding and stacking, which only move memory, run as they are (`control_block_forward`). The refiners the
+    ControlNet shares with the transformer are compiled with it."""
     from diffusers.models.controlnets.controlnet_z_image import ZImageControlTransformerBlock
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
     _allow_variants()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    core = torch.compile(ZImageTransformerBlock.forward, fullgraph=True, dynamic=True, backend=BACKEND)
     for block in controlnet.modules():
         if isinstance(block, ZImageControlTransformerBlock):
-            block.compile(fullgraph=True, dynamic=True, backend=BACKEND)
+            block.forward = functools.partial(control_block_forward, block, core)
+            block._zstudio_compiled_core = True
+
+
+def control_block_forward(block, core, c: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor,
+                          freqs_cis: torch.Tensor, adaln_input: torch.Tensor | None = None
+                          ) -> torch.Tensor:  # fmt: skip
+    """diffusers' `ZImageControlTransformerBlock.forward` (0.42), its middle run by `core` (tests compare the two)."""
+    if block.block_id == 0:
+        c = block.before_proj(c) + x
+        hints = []
+    else:
+        hints = list(torch.unbind(c))
+        c = hints.pop(-1)
+    c = core(block, c, attn_mask, freqs_cis, adaln_input)
+    return torch.stack([*hints, block.after_proj(c), c])
 
 
 def drop_graphs() -> None:
@@ -73,11 +93,13 @@ def drop_graphs() -> None:
 
 
 def uncompile(transformer) -> None:
-    """Undo `compile_blocks` and `compile_transformer` (lower memory modes run eager)."""
+    """Undo `compile_blocks`, `compile_transformer` and `compile_control_blocks` (lower memory modes run eager)."""
     transformer._compiled_call_impl = None
     for block in transformer.modules():
         if block is not transformer and getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
+        if vars(block).pop("_zstudio_compiled_core", False):  # a control block's compiled middle (not a hook's)
+            del block.forward
 
 
 def compile_vae_decoder(vae) -> None:
