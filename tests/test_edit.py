@@ -215,7 +215,9 @@ def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path, mon
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
     args = ["edit", "source.png", "a red circle", "--mask", "mask.png", "--outpaint", "right=16", "--strength", "0.75",
-            "--mask-blur", "2", "--steps", "4", "--seed", "9", "--model", str(tiny_dir), "--out", str(out)]  # fmt: skip
+            "--mask-blur", "2", "--steps", "4", "--seed", "9", "--model", str(tiny_dir), "--out", str(out),
+            "--negative", "blurry", "--cfg", "1.5", "--cfg-normalization", "1.2", "--cfg-truncation", "0.9",
+            "--max-tokens", "77"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     path = output_path(result.output)
@@ -236,7 +238,14 @@ def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path, mon
     shown = CliRunner().invoke(main, ["show", str(path)])
     assert shown.exit_code == 0, shown.output
     assert recipe["source"]["sha256"] in shown.output and "outpaint         right=16" in shown.output
+    assert "image sha256     " + recipe["source"]["sha256"] + " (80x64 PNG)" in shown.output
+    assert "canvas           96x64, crop to 96x64" in shown.output and "cfg norm/trunc   1.2 / 0.9" in shown.output
     remake = shown.output.split("remake           ")[1].strip()
+    # Every field of the recipe that differs from generate's defaults is in the remake, the ones without a
+    # control in other doors too.
+    for option in ('--negative "blurry"', "--cfg 1.5", "--cfg-normalization 1.2", "--cfg-truncation 0.9",
+                   "--max-tokens 77"):  # fmt: skip
+        assert option in remake
     redo = CliRunner().invoke(main, [*shlex.split(remake)[1:], "--model", str(tiny_dir), "--out", str(tmp_path / "r")])
     assert redo.exit_code == 0, redo.output
     assert np.array_equal(pixels(Image.open(path)), pixels(Image.open(output_path(redo.output))))

@@ -31,6 +31,7 @@ from .memory import (
     OutOfMemory,
     apply_memory,
     choose_memory,
+    choose_text,
     free_after_failure,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
@@ -113,6 +114,7 @@ class Generator:
         if memory_note:
             log.log(logging.INFO if self.memory_requested == "auto" else logging.WARNING, memory_note)
         self._match_speed_to_memory()
+        self.text_placement = "resident"  # where the text encoder lives (zstudio.text_placement), set at load
         self.source: models.ModelSource | None = None
         self.pipe = None
         self.token_encoder = None
@@ -193,10 +195,27 @@ class Generator:
         return weights
 
     def _match_speed_to_memory(self) -> None:
-        if self.memory in ("8bit", *STREAMED) and self.compiled:
-            log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
+        """Compiled speeds run wherever the transformer stays on the GPU (offload-text, 8bit: torchao's 8-bit tensors
+        compile, as `fastest` does); streamed blocks run eager (the offloading hooks break the compiled block's
+        graph). In 8bit the weights already are 8-bit, so `fastest` is `fast` there."""
+        if self.memory in STREAMED and self.compiled:
+            log.warning("speed %s does not combine with streamed weights; using exact in memory mode %s",
                         self.speed, self.memory)  # fmt: skip
             self.speed = "exact"
+        elif self.memory in EIGHT_BIT and self.speed == "fastest":
+            log.info("memory mode %s already holds 8-bit weights: speed fast (compiled) on them", self.memory)
+            self.speed = "fast"
+
+    def _choose_text_placement(self, source: models.ModelSource) -> None:
+        """Where the text encoder goes in this memory mode, by the card's free memory and the host's RAM."""
+        if self.device.type != "cuda" or self.memory == "resident":
+            self.text_placement = "resident"
+            return
+        weights = self.model_weights(source)
+        p = source.profile
+        self.text_placement, note = choose_text(self.memory, self.device, free_memory_bytes(self.device), p.width,
+                                                p.height, weights)  # fmt: skip
+        log.info(note)
 
     def load(self) -> Generator:
         """Load the weights onto the device once; later calls return at once."""
@@ -204,6 +223,7 @@ class Generator:
             if self.pipe is None:
                 source = self.resolve_source()
                 self._choose_memory_for(source)
+                self._choose_text_placement(source)
                 start = time.perf_counter()
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
@@ -212,18 +232,20 @@ class Generator:
                     controlnet = control.load(self.controlnet_source, self.dtype)
                     # Streamed: the ControlNet's copies of the transformer's parts, taken before its streaming hooks.
                     controlnet = control.attach(controlnet, pipe.transformer, own_copies=self.memory in STREAMED)
-                apply_memory(pipe, self.memory, self.device)
+                apply_memory(pipe, self.memory, self.device, text=self.text_placement)
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
                 if controlnet is not None:
                     self.install_controlnet(controlnet)
                 self.load_seconds = time.perf_counter() - start
                 log.info(
-                    "loaded %s on %s (%s, speed %s) in %.1f s",
+                    "loaded %s on %s (%s, speed %s, memory %s, text encoder %s) in %.1f s",
                     source.label,
                     self.device,
                     dtype_name(self.dtype),
                     self.speed,
+                    self.memory,
+                    self.text_placement,
                     self.load_seconds,
                 )
         return self
@@ -323,6 +345,7 @@ class Generator:
             "dtype": dtype_name(self.dtype),
             "speed": self.speed,
             "memory_mode": self.memory,
+            "text_encoder": self.text_placement,
             "controlnet": self.controlnet_spec,
             "outputs": str(self.outputs),
         }
@@ -441,6 +464,10 @@ class Generator:
                 uncompile(self.controlnet)
             if self.device.type == "cuda":
                 drop_graphs()
+            if self.compiled:  # compiling again inside a recovering request, on a card that just ran out: not now
+                log.warning("after switching to memory mode %s the transformer runs uncompiled (speed exact) until "
+                            "a restart", mode)  # fmt: skip
+                self.speed = "exact"
             self.memory = mode
             self._match_speed_to_memory()
             if getattr(self.pipe.transformer, "_zstudio_8bit", None) and mode not in EIGHT_BIT:
@@ -457,14 +484,35 @@ class Generator:
                 free_after_failure(self.device)
             if self.controlnet is not None:  # shared again with a reloaded transformer, or copied before streaming
                 self.controlnet = control.attach(self.controlnet, self.pipe.transformer, own_copies=mode in STREAMED)
-            apply_memory(self.pipe, mode, self.device)
+            text_before = self.text_placement
+            self.text_placement = self._text_placement_after_switch(mode)
+            apply_memory(self.pipe, mode, self.device, text=self.text_placement)
             if self.controlnet is not None:
                 self._place_controlnet()
-            if self.token_encoder is not None and self.token_encoder.graphs:
+            if self.token_encoder is not None and (self.token_encoder.graphs or self.text_placement != text_before):
                 from .speed.text_encoder import TokenEncoder
 
                 self.token_encoder = TokenEncoder(self.pipe.text_encoder)
             free_after_failure(self.device)
+
+    def _text_placement_after_switch(self, mode: str) -> str:
+        """The text encoder in a lower mode: an int8 one stays on the GPU down to 8bit; the streamed modes stream
+        bf16 (reloaded from the model's files: diffusers' streaming is not tested here on torchao tensors)."""
+        from .text_placement import default_placement, load_text_encoder, module_gib
+
+        if self.device.type != "cuda":
+            return "resident"
+        eight_bit = getattr(self.pipe.text_encoder, "_zstudio_8bit", None)
+        if eight_bit and mode not in STREAMED:
+            return "resident-8bit"
+        if eight_bit:
+            log.info("reloading the text encoder's bf16 weights to stream them in memory mode %s", mode)
+            self.pipe.text_encoder = None
+            self._prompt_cache.clear()
+            free_after_failure(self.device)
+            self.pipe.text_encoder = load_text_encoder(self.resolve_source(), self.dtype)
+        pinned_transformer = module_gib(self.pipe.transformer) if mode == "stream" else 0.0  # made after this
+        return default_placement(mode, self.device, module_gib(self.pipe.text_encoder), pinned_transformer)
 
     def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None,
                          source: edit.EditInput | None = None, control_input: control.ControlInput | None = None
@@ -789,6 +837,7 @@ class Generator:
             "device": str(self.device),
             "speed": self.speed,
             "memory_mode": self.memory,
+            "text_encoder": self.text_placement,  # resident-8bit: int8 embeddings, near but not equal to bf16
             "seconds": timings["total"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -3,8 +3,9 @@
 | mode          | what                                                                               |
 |---------------|------------------------------------------------------------------------------------|
 | resident      | everything on the GPU (fastest)                                                    |
-| offload-text  | text encoder in CPU memory, its layers streamed through the GPU to encode a new    |
-|               | prompt (repeated prompts come from a cache); transformer and VAE resident          |
+| offload-text  | text encoder int8 on the GPU where it fits, else in CPU memory with its layers     |
+|               | streamed through the GPU for a new prompt (zstudio.text_placement; repeated        |
+|               | prompts come from a cache); transformer and VAE resident                           |
 | 8bit          | + the transformer's large linear layers in 8 bits (float8 on GPUs with fp8 tensor  |
 |               | cores, int8 weight-only elsewhere; torchao): half its memory, approximate pixels   |
 | stream        | text encoder as above; the transformer's bf16 blocks streamed from CPU memory one  |
@@ -19,7 +20,8 @@ last two; the estimate counts its weights (`ModelWeights.controlnet`).
 peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
 weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model pass
 its `ModelWeights.from_folder(path)` (the weights part then comes from its own files); beyond 1024x1024 the pixel
-term is extrapolated.
+term is extrapolated. Within the chosen mode, `choose_text` places the text encoder (an int8 copy on the GPU where it
+fits beside the mode's estimate; that size is an estimate until measured).
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .params import ParamError, check_choice
+from .text_placement import text_8bit_gib
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +114,36 @@ class OutOfMemory(RuntimeError):
     """A generation ran out of GPU memory; the message names the next mode that would fit."""
 
 
-def needed_gb(mode: str, width: int = 1024, height: int = 1024, weights: ModelWeights = Z_IMAGE) -> float:
-    """Estimated peak GiB for one image of `width` x `height` in `mode`, for a model with `weights`."""
+def needed_gb(mode: str, width: int = 1024, height: int = 1024, weights: ModelWeights = Z_IMAGE,
+              text_8bit: bool = False) -> float:  # fmt: skip
+    """Estimated peak GiB for one image of `width` x `height` in `mode`, for a model with `weights`; with
+    `text_8bit`, plus the text encoder kept on the GPU in int8 (an estimate until measured: zstudio.text_placement)."""
     (small, large), (mp_small, mp_large) = MEASURED_PEAK_GIB[mode], MEASURED_MP
     per_mp = (large - small) / (mp_large - mp_small)  # activations: mostly the VAE decode
     fixed = small - per_mp * mp_small - Z_IMAGE.on_gpu(mode)
-    return weights.on_gpu(mode) + fixed + per_mp * width * height / 1e6 + HEADROOM_GIB
+    text = text_8bit_gib(weights.text_encoder) if text_8bit and mode != "resident" else 0.0
+    return weights.on_gpu(mode) + fixed + per_mp * width * height / 1e6 + HEADROOM_GIB + text
+
+
+def choose_text(mode: str, device: torch.device, free_bytes: int | None, width: int = 1024, height: int = 1024,
+                weights: ModelWeights = Z_IMAGE) -> tuple[str, str]:  # fmt: skip
+    """(placement, reason) for the text encoder in `mode` (zstudio.text_placement): int8 on the GPU where it fits
+    beside the mode's estimate for this size, else streamed (pinned where host RAM allows)."""
+    from .text_placement import choose_text_placement, host_available_bytes, int8_available
+
+    return choose_text_placement(mode, device, free_bytes, needed_gb(mode, width, height, weights),
+                                 weights.text_encoder, host_available_bytes(), int8_available(),
+                                 host_needed_gb(mode, weights))  # fmt: skip
+
+
+def host_needed_gb(mode: str, weights: ModelWeights = Z_IMAGE) -> float:
+    """Host RAM a mode takes before any pinned text-encoder copy, as an upper bound: the bf16 weights as loaded (the
+    low modes load into host memory; measured peaks were lower, 13.4-23.5 GB for 20.5 GB of files, docs/BENCHMARKS.md
+    "Loading") plus stream's pinned copy of the transformer (and of a ControlNet)."""
+    if mode == "resident":
+        return 0.0
+    loaded = weights.transformer + weights.text_encoder + weights.vae + weights.controlnet
+    return loaded + (weights.transformer + weights.controlnet if mode == "stream" else 0.0)
 
 
 def choose_memory(requested: str, device: torch.device, free_bytes: int | None, width: int = 1024,
@@ -165,8 +192,13 @@ def quantize_8bit(transformer, device: torch.device) -> str:
     return kind
 
 
-def apply_memory(pipe, mode: str, device: torch.device) -> None:
-    """Place the components for `mode`; the pipeline may start anywhere (loading puts it in CPU memory)."""
+def apply_memory(pipe, mode: str, device: torch.device, text: str | None = None) -> None:
+    """Place the components for `mode`; the pipeline may start anywhere (loading puts it in CPU memory).
+
+    `text` is the text encoder's placement (zstudio.text_placement, from `choose_text`); None: resident in mode
+    resident, else streamed (pinned where host RAM allows)."""
+    from .text_placement import default_placement, module_gib, place_text_encoder
+
     pipe.vae.to(device)
     if device.type != "cuda":
         pipe.text_encoder.to(device)
@@ -174,9 +206,9 @@ def apply_memory(pipe, mode: str, device: torch.device) -> None:
         return
     if mode == "resident":
         pipe.text_encoder.to(device)
-    else:  # it runs once per new prompt: stream its layers through the GPU instead of moving 8 GB in and out
-        # No pinned copy: it runs once per new prompt, and the copy would cost 8 GB of host RAM.
-        stream_weights(pipe.text_encoder, device, leaf=False, low_ram=True)
+    else:  # it runs once per new prompt: int8 on the GPU, or its layers streamed, never 8 GB moved in and out
+        place_text_encoder(pipe.text_encoder, text or default_placement(mode, device, module_gib(pipe.text_encoder)),
+                           device)  # fmt: skip
     if mode in EIGHT_BIT:
         quantize_8bit(pipe.transformer, device)
     if mode not in STREAMED:

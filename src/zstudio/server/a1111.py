@@ -99,7 +99,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: float | None = Field(None, description="0-1; default 0.6, 1.0 with a mask.",
                                              **documented(minimum=0, maximum=1))  # fmt: skip
     mask_blur: int | None = Field(None, description="Soft edge in pixels (default 4).")
-    inpainting_mask_invert: int = Field(0, description="1: black = repaint.")
+    inpainting_mask_invert: int = Field(0, description="0: white = repaint; 1: black = repaint.")
 
 
 class ExtraSingleImageRequest(BaseModel):
@@ -227,8 +227,7 @@ def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
     if isinstance(body, Img2ImgRequest):
         if len(body.init_images) > 1:
             ignored.append(f"init_images: {len(body.init_images)} given; only the first is used")
-        if body.inpainting_mask_invert:
-            ignored.append("inpainting_mask_invert: not implemented (white = repaint)")
+        ignored += inpaint_ignored(body)
     return ignored
 
 
@@ -264,7 +263,7 @@ def generation_params(body: Txt2ImgRequest, studio: Studio | None = None) -> Gen
         fields["image"] = studio.inputs.store_base64("init_images", body.init_images[0])
         fields.update(control)
         if body.mask:
-            fields["mask"] = studio.inputs.store_base64("mask", body.mask)
+            fields["mask"] = inpaint_mask(studio, body)
         fields["strength"] = body.denoising_strength
         if body.mask_blur is not None:
             fields["mask_blur"] = body.mask_blur
@@ -376,6 +375,36 @@ def controlnet_ignored(body: Txt2ImgRequest) -> list[str]:
         ignored.append(f"{UNIT}.control_mode: only Balanced")
     if unit.get("mask") or (isinstance(unit.get("image"), dict) and unit["image"].get("mask")):
         ignored.append(f"{UNIT}.mask: a unit's own mask is not used (img2img's mask is)")
+    return ignored
+
+
+# ------------------------------------------------------------------------------------- img2img's inpaint fields
+def inpaint_mask(studio: Studio, body: Img2ImgRequest) -> str:
+    """The request's mask kept as an upload, white = repaint: inverted first with `inpainting_mask_invert` 1 (the
+    WebUI's "inpaint not masked": black = repaint)."""
+    if body.inpainting_mask_invert not in (0, 1):
+        raise ParamError("inpainting_mask_invert", f"{body.inpainting_mask_invert!r} is not 0 (white = repaint) or 1 "
+                                                   "(black = repaint)")  # fmt: skip
+    name = studio.inputs.store_base64("mask", body.mask)
+    return studio.inputs.inverted_mask("mask", name) if body.inpainting_mask_invert else name
+
+
+def inpaint_ignored(body: Img2ImgRequest) -> list[str]:
+    """The WebUI's inpaint settings that would change the picture and are not implemented: a fill other than
+    "original" (the masked area starts from the noised source; it matters only below strength 1, where the start
+    is not pure noise) and "only masked" (`inpaint_full_res`: here the whole picture is drawn at the output size).
+    Both change nothing without a mask, as in the WebUI."""
+    if not body.mask:
+        return []
+    extra, ignored = body.model_extra or {}, []
+    fill = extra.get("inpainting_fill")
+    strength = 1.0 if body.denoising_strength is None else body.denoising_strength
+    if fill not in (None, 1) and strength < 1:
+        ignored.append(f"inpainting_fill: {fill!r} is not implemented; the masked area starts from the noised source "
+                       "(1, 'original')")  # fmt: skip
+    if extra.get("inpaint_full_res"):
+        ignored.append("inpaint_full_res: 'only masked' is not implemented; the whole picture is drawn at the output "
+                       "size")  # fmt: skip
     return ignored
 
 

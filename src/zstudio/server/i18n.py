@@ -135,6 +135,32 @@ TEXTS: dict[str, tuple[str, str]] = {
         "**放大 {scale:g}x**，来源 `{source}` · {upscaler} · 精修 {refine} · {width}x{height} · {seconds:.2f} 秒  \n"
         "{prompt}",
     ),
+    # The history's line on an edit or an upscale's source, from the result file's recipe (what `zstudio show` says).
+    "edit_record": (
+        "**{mode}** of `{image}` ({size}, {format}, sha256 `{sha256}`) · strength {strength} · "
+        "{fit} to {width}x{height}",
+        "**{mode}**，来源 `{image}`（{size}，{format}，sha256 `{sha256}`）· 重绘强度 {strength} · "
+        "{fit}至 {width}x{height}",
+    ),
+    "edit_mask_file": (
+        " · mask `{mask}` (sha256 `{sha256}`) · mask blur {blur} px",
+        " · 蒙版 `{mask}`（sha256 `{sha256}`）· 蒙版模糊 {blur} 像素",
+    ),  # fmt: skip
+    "edit_mask_alpha": (
+        " · mask: the image's transparent pixels · mask blur {blur} px",
+        " · 蒙版：图片的透明像素 · 蒙版模糊 {blur} 像素",
+    ),  # fmt: skip
+    "edit_mask_outpaint": (" · mask blur {blur} px", " · 蒙版模糊 {blur} 像素"),
+    "edit_outpaint": (" · outpaint {sides}", " · 外扩 {sides}"),
+    "mode_image-to-image": ("Image to image", "图生图"),
+    "mode_inpaint": ("Inpaint", "局部重绘"),
+    "mode_outpaint": ("Outpaint", "外扩"),
+    "fit_crop": ("centre-cropped", "居中裁剪"),
+    "fit_scale and crop": ("scaled and centre-cropped", "缩放并居中裁剪"),
+    "upscale_source": (
+        "source {width}x{height}, sha256 `{sha256}` · upscaler {upscaler} ({architecture}, native scale {native})",
+        "来源 {width}x{height}，sha256 `{sha256}` · 放大器 {upscaler}（{architecture}，原生倍率 {native}）",
+    ),
     "source_gone": (
         "The source {source} is no longer here: the Upscale tab has the settings; add the picture.",
         "来源 {source} 已不在：放大页已填入设置，请添加图片。",
