@@ -12,6 +12,9 @@
 |               | at a time, transfers overlapped with compute on a CUDA stream (group offloading)   |
 | lowest        | + leaf-level streaming and a tiled, sliced VAE decode                              |
 
+A ControlNet (zstudio.control) is resident in bf16 in the first three modes and streamed like the transformer in the
+last two; the estimate counts its weights (`ModelWeights.controlnet`).
+
 `auto` takes the fastest mode that (a) can run here (8bit needs torchao, an optional extra: `pip install
 'zstudio[fp8]'`) and (b) fits the card's free memory by an estimate built from measured peaks: for each mode the
 peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
@@ -69,6 +72,7 @@ class ModelWeights:
     transformer: float
     text_encoder: float
     vae: float
+    controlnet: float = 0.0  # a configured ControlNet's own weights (zstudio.control.size_gib); 0 without one
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelWeights:
@@ -80,13 +84,14 @@ class ModelWeights:
         return cls(gib("transformer"), gib("text_encoder"), gib("vae"))
 
     def on_gpu(self, mode: str) -> float:
-        """The weights a mode keeps on the GPU between generations."""
+        """The weights a mode keeps on the GPU between generations. A ControlNet stays bf16 beside the transformer
+        except in the streamed modes, where its blocks (the transformer's size) stream too."""
         if mode == "resident":
-            return self.transformer + self.text_encoder + self.vae
+            return self.transformer + self.text_encoder + self.vae + self.controlnet
         if mode == "offload-text":
-            return self.transformer + self.vae
+            return self.transformer + self.vae + self.controlnet
         if mode in EIGHT_BIT:
-            return self.transformer / 2 + self.vae
+            return self.transformer / 2 + self.vae + self.controlnet
         return 0.0  # streamed: one block at a time, in the fixed part
 
 
@@ -134,11 +139,11 @@ def choose_text(mode: str, device: torch.device, free_bytes: int | None, width: 
 def host_needed_gb(mode: str, weights: ModelWeights = Z_IMAGE) -> float:
     """Host RAM a mode takes before any pinned text-encoder copy, as an upper bound: the bf16 weights as loaded (the
     low modes load into host memory; measured peaks were lower, 13.4-23.5 GB for 20.5 GB of files, docs/BENCHMARKS.md
-    "Loading") plus stream's pinned copy of the transformer."""
+    "Loading") plus stream's pinned copy of the transformer (and of a ControlNet)."""
     if mode == "resident":
         return 0.0
-    loaded = weights.transformer + weights.text_encoder + weights.vae
-    return loaded + (weights.transformer if mode == "stream" else 0.0)
+    loaded = weights.transformer + weights.text_encoder + weights.vae + weights.controlnet
+    return loaded + (weights.transformer + weights.controlnet if mode == "stream" else 0.0)
 
 
 def choose_memory(requested: str, device: torch.device, free_bytes: int | None, width: int = 1024,

@@ -165,6 +165,24 @@ TEXTS: dict[str, tuple[str, str]] = {
         "The source {source} is no longer here: the Upscale tab has the settings; add the picture.",
         "来源 {source} 已不在：放大页已填入设置，请添加图片。",
     ),
+    # The ControlNet panel of the Generate tab (zstudio.control).
+    "controlnet": ("ControlNet", "ControlNet 控制"),
+    "no_controlnet": (
+        "No ControlNet is loaded: start the studio with `--controlnet SPEC` (or ZSTUDIO_CONTROLNET) to use one.",
+        "未加载 ControlNet：启动时加 `--controlnet SPEC`（或设置 ZSTUDIO_CONTROLNET）即可使用。",
+    ),
+    "control_image": ("Control picture", "控制图"),
+    "control_type": ("Control type", "控制类型"),
+    "control_type_info": (
+        "canny: the picture's edges (OpenCV, thresholds 100/200); none: the picture is already a control map",
+        "canny：提取图片边缘（OpenCV，阈值 100/200）；none：图片本身已是控制图",
+    ),
+    "control_scale": ("Control strength", "控制强度"),
+    "control_start": ("Control from (share of the steps)", "控制起点（步数比例）"),
+    "control_end": ("Control until", "控制终点"),
+    "preview_control": ("Preview control image", "预览控制图"),
+    "control_preview": ("Control image as the model sees it", "模型看到的控制图"),
+    "no_control_image": ("Add a control picture first.", "请先添加控制图。"),
     # Before an error the engine or the queue wrote (in English, naming the field and the value).
     "invalid": ("Invalid input: {error}", "输入有误：{error}"),
     "busy": ("The queue is full: {error}", "队列已满：{error}"),

@@ -501,6 +501,78 @@ def result_panel(profile: Profile, prefix: str, progress_id: str, gallery_id: st
     return ResultPanel(progress, gallery, files, chosen, sends)
 
 
+# ------------------------------------------------------------------------ the ControlNet panel (zstudio.control)
+CONTROL_CHOICES = ("canny", "none")  # a picture to find edges in, or a ready control map
+
+
+@dataclass
+class ControlPanel:
+    """The Generate tab's ControlNet accordion; `controls` are the handler's inputs, in order."""
+
+    image: gr.Image
+    kind: gr.Dropdown
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    preview_button: gr.Button
+    preview: gr.Image
+
+    @property
+    def controls(self) -> list[gr.components.Component]:
+        return [self.image, self.kind, self.scale, self.start, self.end]
+
+
+def control_panel(loaded: bool) -> ControlPanel:
+    """The accordion: without a loaded ControlNet only a one-line note says how to start with one."""
+    from ..params import DEFAULT_CONTROL_SCALE
+
+    with gr.Accordion(I18N("controlnet"), open=False, elem_id="controlnet"):
+        gr.Markdown(I18N("no_controlnet"), visible=not loaded, elem_id="controlnet-note")
+        with gr.Row(visible=loaded):
+            image = gr.Image(type="filepath", label=I18N("control_image"), sources=["upload", "clipboard"],
+                             elem_id="control-image")  # fmt: skip
+            preview = gr.Image(label=I18N("control_preview"), interactive=False, elem_id="control-preview")
+        with gr.Row(visible=loaded):
+            kind = gr.Dropdown(list(CONTROL_CHOICES), value="canny", label=I18N("control_type"),
+                               info=I18N("control_type_info"), elem_id="control-type")  # fmt: skip
+            scale = gr.Slider(0, 2, value=DEFAULT_CONTROL_SCALE, step=0.05, label=I18N("control_scale"),
+                              elem_id="control-scale")  # fmt: skip
+        with gr.Row(visible=loaded):
+            start = gr.Slider(0, 1, value=0, step=0.05, label=I18N("control_start"), elem_id="control-start")
+            end = gr.Slider(0, 1, value=1, step=0.05, label=I18N("control_end"), elem_id="control-end")
+        preview_button = gr.Button(I18N("preview_control"), size="sm", visible=loaded, elem_id="control-preview-btn")
+    return ControlPanel(image, kind, scale, start, end, preview_button, preview)
+
+
+def control_fields(studio: Studio, image: str | None, kind: str, scale: float, start: float, end: float
+                   ) -> dict[str, Any]:  # fmt: skip
+    """The panel's values as the control fields of `GenerationParams`; {} without a picture. The picture is kept
+    in the inputs folder (Gradio's cache copy can go), so the recipe can be made again."""
+    if not image:
+        return {}
+    return {"control": keep_file(studio, image), "control_type": kind, "control_preprocess": kind != "none",
+            "control_scale": float(scale), "control_start": float(start), "control_end": float(end)}  # fmt: skip
+
+
+def checked_control(studio: Studio, params: GenerationParams) -> GenerationParams:
+    """Refuse a bad control request (no ControlNet, unreadable picture) before it is queued."""
+    studio.queue.generator.validate_control(params)
+    return params
+
+
+def control_preview(studio: Studio, lang: str, image: str | None, kind: str, width: float, height: float
+                    ) -> Image.Image:  # fmt: skip
+    """The control image the model will get at this size: fitted (cover, centre-crop) and preprocessed."""
+    if not image:
+        raise gr.Error(text(lang, "no_control_image"))
+    params = GenerationParams(prompt="preview", width=int(width), height=int(height),
+                              **control_fields(studio, image, kind, 0.75, 0.0, 1.0))  # fmt: skip
+    try:
+        return studio.queue.generator.validate_control(params).image
+    except ParamError as err:
+        raise gr.Error(error_message(lang, err)) from None
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     queue = studio.queue
     generator = queue.generator
@@ -529,6 +601,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
                         recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
+                        control = control_panel(generator.controlnet_spec is not None)
                         run_btn, cancel_btn = run_buttons("generate", "generate")
                     with gr.Column(scale=3):
                         panel = result_panel(profile, "generate-", "zstudio-progress", "result")
@@ -611,12 +684,19 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         # The handlers take the request first and the LoRA rows last (`*loras`: Gradio fills positional arguments
         # only, and injects a `gr.Request` only before any `*args`).
-        def generate(request: gr.Request, p, neg, n_steps, g, s, n, w, h, *loras):
+        def generate(request: gr.Request, p, neg, n_steps, g, s, n, w, h, c_image, c_kind, c_scale, c_start, c_end,
+                     *loras):  # fmt: skip
             fields = {**recipe_fields(p, neg, n_steps, g, s, n), "width": int(w), "height": int(h)}
             fields["loras"] = lora_pairs(loras)
-            yield from run_job(studio, language(request), lambda: GenerationParams(**fields))
+            fields.update(control_fields(studio, c_image, c_kind, c_scale, c_start, c_end))
+            yield from run_job(studio, language(request), lambda: checked_control(studio, GenerationParams(**fields)))
 
-        run_btn.click(generate, [*recipe.controls, width, height, *recipe.loras], follows(panel))
+        run_btn.click(generate, [*recipe.controls, width, height, *control.controls, *recipe.loras], follows(panel))
+
+        def preview_control(request: gr.Request, c_image, c_kind, w, h):
+            return control_preview(studio, language(request), c_image, c_kind, w, h)
+
+        control.preview_button.click(preview_control, [control.image, control.kind, width, height], control.preview)
 
         def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, hidden, *loras):
             lang = language(request)
