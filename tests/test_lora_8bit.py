@@ -165,3 +165,33 @@ def test_without_a_checkpoint_the_bf16_weights_are_kept_and_requantize_to_the_sa
         again = layers.quantize(layers.base(name).clone())
         flat = model[int(name)].weight.__tensor_flatten__()[0]
         assert all(torch.equal(getattr(again, k), getattr(model[int(name)].weight, k)) for k in flat)
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+@pytest.mark.parametrize("mode", [["--memory", "8bit"], pytest.param(["--speed", "fastest"], marks=pytest.mark.slow)])
+def test_lora_benchmark_runs_in_the_8bit_modes_on_the_tiny_checkpoint(tiny_dir, tmp_path, monkeypatch, mode):
+    """The GPU run's path on the CPU: bf16 references, the move to 8-bit weights, timings and PSNRs. `fastest` here
+    quantizes int8 (float8 matmuls need a GPU) and compiles with dynamo's eager backend (no C compiler needed)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from zstudio.bench.lora import main
+    from zstudio.speed import compile as compiling
+    from zstudio.speed import fp8
+
+    monkeypatch.setattr(fp8, "MIN_FEATURES", 32)
+    monkeypatch.setattr(fp8, "float8_config", lambda: Int8WeightOnlyConfig())
+    monkeypatch.setattr(compiling, "compile_vae_decoder", lambda vae: None)
+    monkeypatch.setattr(compiling, "compile_blocks", lambda t: t.compile_repeated_blocks(dynamic=True, backend="eager"))
+    torch._dynamo.reset()
+    try:
+        report = main(["--folder", str(tiny_dir), "--json", str(tmp_path / "r.json"), "--size", "128x128",
+                       "--steps", "1", "--repeats", "1", "--rank", "4", "--device", "cpu", *mode])  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert report["way"] == "fused" and report["weights_8bit"] == "Int8Tensor"
+    assert report["bf16_source"] == "checkpoint files" and report["bf16_kept_gib"] == 0
+    assert report["graphs_compiled_while_switching"] == 0
+    assert report["psnr_8bit_vs_bf16_db"].keys() == {"0", "1", "3"}
+    assert all(20 < v < 200 for v in report["psnr_8bit_vs_bf16_db"].values())  # near, but not the same picture
+    assert report["speed"] == ("fastest" if "fastest" in mode else "exact")
