@@ -16,6 +16,7 @@ same model to the 8-bit mode and reports, beside the timings, the PSNR of each 8
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--speed", default=None, help="speed mode [default: the device's default]; fastest: 8-bit")
     parser.add_argument("--memory", default="resident", choices=("resident", "8bit"))
+    parser.add_argument("--bf16-from", default="auto", choices=("auto", "kept", "checkpoint"),
+                        help="8-bit runs: where LoRAs take each layer's bf16 weights from; auto: the model's own "
+                        "checkpoint, kept on the host where it has none (random-full-size); checkpoint: the "
+                        "transformer written to a temporary folder first (12 GB for the full size); kept: host copies "
+                        "made at quantize time")  # fmt: skip
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
@@ -98,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         generator = Generator(model=args.folder, speed=first_speed, device=args.device, outputs=tempfile.mkdtemp())
         load_s, _ = timed(generator.load)
+    written = None
+    if eight_bit and args.bf16_from != "auto":
+        written = point_bf16_source(generator.pipe.transformer, args.bf16_from)
     folder = Path(tempfile.mkdtemp(prefix="zstudio-bench-lora-"))
     generator.loras.folder = LoraFolder(folder)
     names = random_loras(generator.pipe.transformer, folder, 3, args.rank)
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if quantized is not None:  # where the bf16 weights come back from, and the host memory they hold
         report["bf16_source"] = "kept on the host" if quantized.kept else "checkpoint files"
+        report["bf16_kept_layers"] = len(quantized.kept)
         report["bf16_kept_gib"] = round(sum(t.numel() * t.element_size() for t in quantized.kept.values()) / 2**30, 2)
     cuda = generator.device.type == "cuda"
     peaks = []
@@ -181,8 +191,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             label: round(psnr(references[label], references["0"]), 2) for label in ("1", "3")
         }
         print(f"PSNR 8-bit vs bf16: {report['psnr_8bit_vs_bf16_db']}", flush=True)
+    if written is not None:
+        shutil.rmtree(written, ignore_errors=True)
     emit(report, args.json)
     return report
+
+
+def point_bf16_source(transformer, source: str) -> Path | None:
+    """Where quantizing will find the bf16 weights (`zstudio.quantized.checkpoint_files` reads diffusers'
+    `_name_or_path`): a temporary copy of the transformer's weights (`checkpoint`, returned to be deleted), or none
+    (`kept`: host copies at quantize time)."""
+    if source == "kept":
+        transformer.register_to_config(_name_or_path=None)
+        return None
+    written = Path(tempfile.mkdtemp(prefix="zstudio-bench-transformer-"))
+    seconds, _ = timed(lambda: transformer.save_pretrained(written))
+    print(f"transformer written to {written} in {seconds:.1f} s (the bf16 source)", flush=True)
+    transformer.register_to_config(_name_or_path=str(written))
+    return written
 
 
 def quantized_weights(transformer):
