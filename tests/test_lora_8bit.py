@@ -48,6 +48,20 @@ def test_checkpoint_gives_back_each_layers_weight_as_loaded(generator):
     assert not layers.has_base("layers.0.attention.nowhere")
 
 
+def test_unload_before_quantizing_leaves_the_plain_base_layers(tiny_dir, tmp_path):
+    """A memory switch down to 8bit quantizes the base weights: PEFT adapters and their wrapper layers go first."""
+    generator = Generator(model=str(tiny_dir), device="cpu", outputs=tmp_path / "out").load()
+    generator.loras.folder = lora.LoraFolder(tmp_path)
+    sd, _ = write_format(reference_layers(generator.pipe.transformer, 1), "peft")
+    save_file(sd, str(tmp_path / "one.safetensors"))
+    before = {k: v.clone() for k, v in generator.pipe.transformer.state_dict().items()}
+    generator.generate_images(GenerationParams(**TINY, seed=1, loras=(("one", 1.0),)))
+    assert any(name.endswith(".base_layer") for name, _ in generator.pipe.transformer.named_modules())
+    generator.loras.unload(generator.pipe)
+    after = generator.pipe.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # ----------------------------------------------------------------------------------- with torchao
 @pytest.fixture
 def eight_bit(tiny_dir, tmp_path, monkeypatch):
