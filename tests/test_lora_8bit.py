@@ -35,6 +35,54 @@ def test_requantize_writes_into_the_same_tensor_and_refuses_another_kind():
     assert torch.equal(weight, (new * 8).round() / 8)
 
 
+class Rounded(torch.Tensor):
+    """A stand-in for torchao's 8-bit tensors (a subclass, so the layer counts as quantized): values on a 1/8 grid."""
+
+
+def round_to_grid(weight: torch.Tensor) -> torch.Tensor:
+    return torch.Tensor._make_subclass(Rounded, (weight.detach() * 8).round() / 8)
+
+
+class RoundedLayers(quantized.QuantizedLayers):
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        return round_to_grid(weight)
+
+
+def test_fused_8bit_layers_take_the_sum_from_their_bf16_weights_and_come_back_exactly(tiny_dir, tmp_path):
+    """The LoRA logic of the 8-bit modes without torchao: two layers made stand-in "8-bit" ones; a set fuses into
+    their checkpoint weights and re-quantizes, in place; another set starts again from those weights (no drift); no
+    set gives the load-time values back, bit for bit."""
+    generator = Generator(model=str(tiny_dir), device="cpu", outputs=tmp_path / "out").load()
+    transformer = generator.pipe.transformer
+    targets = ["layers.0.attention.to_q", "layers.1.feed_forward.w2"]
+    modules = dict(transformer.named_modules())
+    originals = {name: modules[name].weight.detach().clone() for name in targets}
+    for name in targets:
+        modules[name].weight = torch.nn.Parameter(round_to_grid(originals[name]), requires_grad=False)
+    layers = RoundedLayers(None, transformer.dtype, quantized.checkpoint_files(transformer))
+    setattr(transformer, quantized.ATTRIBUTE, layers)
+    weights = {name: modules[name].weight for name in targets}
+
+    lora_layers = reference_layers(transformer, 1)
+    sd, _ = write_format(lora_layers, "peft")
+    save_file(sd, str(tmp_path / "one.safetensors"))
+    loras = lora.LoadedLoras(lora.LoraFolder(tmp_path), fused=True)
+    plain = modules["layers.0.attention.to_k"]
+    plain_before = plain.weight.detach().clone()
+    for strength in (1.0, -0.5):  # the second set starts from W₀ again, not from the first set's result
+        loras.apply(generator.pipe, [("one", strength)])
+        for name in targets:
+            a, b = lora_layers[name]
+            expected = round_to_grid(torch.addmm(originals[name].float(), b.float(), a.float(), alpha=strength))
+            assert modules[name].weight is weights[name] and torch.equal(weights[name], expected)
+        assert not torch.equal(plain.weight, plain_before)  # a plain layer beside them: the ordinary fused way
+    loras.apply(generator.pipe, [])
+    for name in targets:
+        assert modules[name].weight is weights[name] and torch.equal(weights[name], round_to_grid(originals[name]))
+    assert torch.equal(plain.weight, plain_before)
+    assert not loras._requantized and not loras._originals
+
+
 def test_checkpoint_gives_back_each_layers_weight_as_loaded(generator):
     """The bf16 source of the 8-bit modes (re-read lazily from the transformer's own safetensors) equals the weights
     as diffusers loaded them, for every linear a LoRA can target."""
