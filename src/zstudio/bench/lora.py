@@ -51,21 +51,22 @@ def random_loras(transformer, folder: Path, count: int, rank: int = 32, seed: in
     return names
 
 
-def to_eight_bit(generator, memory: str, speed: str | None) -> None:
-    """Move a bf16 generator (its reference pictures made) to 8-bit weights in place: memory `8bit` (int8 weight-only
-    off fp8 GPUs: the CPU smoke test) or speed `fastest` (float8 weights, compiled blocks)."""
+def to_eight_bit(generator, memory: str, speed: str) -> None:
+    """Move a bf16 generator (its reference pictures made, speed exact) to 8-bit weights in place, as loading in that
+    mode would have made it: memory `8bit` (float8 on fp8 GPUs; int8 weight-only elsewhere: the CPU smoke test),
+    then `speed` (`fast`: compiled blocks over the 8-bit weights), or speed `fastest` (float8, compiled)."""
     from ..memory import quantize_8bit
     from ..speed import apply_speed
 
     generator.loras.unload(generator.pipe)  # the reference ran PEFT adapters: quantize the plain base layers
-    if speed == "fastest":
-        generator.speed = "fastest"
-        generator.token_encoder = apply_speed(generator.pipe, "fastest", graphs=generator.graphs,
-                                              cache_dir=generator.compile_cache)  # fmt: skip
-    elif generator.device.type == "cuda":
+    if memory == "8bit" and generator.device.type == "cuda":
         generator.switch_memory(memory)
-    else:  # the memory mode places nothing off a GPU: quantize as it would
+    elif memory == "8bit":  # the memory mode places nothing off a GPU: quantize as it would
         quantize_8bit(generator.pipe.transformer, generator.device)
+    if speed != generator.speed:
+        generator.speed = speed
+        generator.token_encoder = apply_speed(generator.pipe, speed, graphs=generator.graphs,
+                                              cache_dir=generator.compile_cache)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ..engine import Generator
     from ..params import GenerationParams
     from ..quantized import layers_of
+    from ..speed import choose_speed
 
     parser = argparse.ArgumentParser(prog="python -m zstudio.bench.lora", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help=f"a diffusers checkpoint folder (Z-Image, or a tiny one), or "
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--speed", default=None, help="speed mode [default: the device's default]; fastest: 8-bit")
+    parser.add_argument("--speed", default=None, help="speed mode [default: the device's default]; fastest: 8-bit "
+                        "weights; with --memory 8bit, fast compiles the blocks over them")  # fmt: skip
     parser.add_argument("--memory", default="resident", choices=("resident", "8bit"))
     parser.add_argument("--bf16-from", default="auto", choices=("auto", "kept", "checkpoint"),
                         help="8-bit runs: where LoRAs take each layer's bf16 weights from; auto: the model's own "
@@ -94,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     eight_bit = args.memory == "8bit" or args.speed == "fastest"
-    if args.memory == "8bit" and args.speed not in (None, "exact", "eager"):
-        parser.error(f"--memory 8bit runs uncompiled (speed exact), not speed {args.speed}")
+    speed = args.speed or choose_speed("auto", torch.device(args.device or "cuda"))[0]
+    if args.memory == "8bit" and speed == "fastest":
+        speed = "fast"  # as the engine does: the weights already are 8-bit, compiled blocks over them
     first_speed = "exact" if eight_bit else args.speed  # 8-bit runs: the bf16 references first
 
     if args.folder == RANDOM:
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if eight_bit:
         references = {label: picture(label) for label in sets}
         print(f"bf16 references made ({generator.memory}, {generator.speed})", flush=True)
-        to_8bit_s, _ = timed(lambda: to_eight_bit(generator, args.memory, args.speed))
+        to_8bit_s, _ = timed(lambda: to_eight_bit(generator, args.memory, speed))
     warmup_s, _ = (  # the timed size only: every graph a request here meets
         timed(lambda: generator.warmup(sizes=((width, height),)))
         if generator.compiled
