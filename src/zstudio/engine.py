@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__, control, edit, lora, models
+from . import __version__, control, edit, lora, models, quantized
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import (
     EIGHT_BIT,
@@ -478,6 +478,7 @@ class Generator:
                 self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
                 apply_speed(self.pipe, self.speed, graphs="off")
             if mode in EIGHT_BIT and not getattr(self.pipe.transformer, "_zstudio_8bit", None):
+                self.loras.unload(self.pipe)  # quantize the base weights: no LoRA fused in, no PEFT wrappers
                 # Quantize from host memory one layer at a time: quantizing in place on the GPU needs room for
                 # the 8-bit copy of a layer beside all the bf16 weights, which a card that just ran out lacks.
                 self.pipe.transformer.to("cpu")
@@ -601,17 +602,12 @@ class Generator:
 
     def apply_loras(self, params: GenerationParams) -> list[lora.ActiveLora]:
         """Bring the transformer to the request's LoRA set (loaded once per file, then switched by strengths; fused
-        into the weights in the compiled modes, so no graph changes). 8-bit weights take none: refused in one line."""
-        eight_bit = getattr(self.pipe.transformer, "_zstudio_8bit", None) or self.speed == "fastest"
-        self.loras.refuse = (
-            f"LoRAs do not combine with 8-bit transformer weights (memory mode {self.memory}, speed {self.speed}); "
-            "use --memory resident or offload-text and --speed fast or exact"
-            if eight_bit
-            else None
-        )
-        if self.loras.fused != self.compiled:
+        into the weights in the compiled modes, so no graph changes, and wherever the weights are 8-bit: fused into
+        each layer's bf16 weights and quantized again, `zstudio.quantized`)."""
+        fused = self.compiled or quantized.layers_of(self.pipe.transformer) is not None
+        if self.loras.fused != fused:
             self.loras.reset(self.pipe)
-            self.loras.fused = self.compiled
+            self.loras.fused = fused
         return self.loras.apply(self.pipe, params.loras)
 
     def encode_prompt(self, text: str, max_sequence_length: int) -> PromptEmbedding:

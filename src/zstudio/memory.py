@@ -174,10 +174,11 @@ def choose_memory(requested: str, device: torch.device, free_bytes: int | None, 
 
 def quantize_8bit(transformer, device: torch.device) -> str:
     """8-bit weights for the large linears, quantized on the GPU one layer at a time (no full bf16 copy there)."""
+    from .quantized import quantize_layers
     from .speed.fp8 import float8_config, fp8_supported, large_linear_filter
 
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig
     except ImportError:
         raise RuntimeError("8-bit memory modes need torchao: pip install 'zstudio[fp8]' (or torchao)") from None
     if getattr(transformer, "_zstudio_8bit", None):
@@ -186,7 +187,7 @@ def quantize_8bit(transformer, device: torch.device) -> str:
         kind, config = "float8", float8_config()
     else:
         kind, config = "int8 weight-only", Int8WeightOnlyConfig(set_inductor_config=False)
-    quantize_(transformer, config, filter_fn=large_linear_filter, device=device)
+    quantize_layers(transformer, config, large_linear_filter, device)  # records what LoRAs need to re-quantize
     transformer._zstudio_8bit = kind
     log.info("transformer linears quantized to %s", kind)
     return kind
