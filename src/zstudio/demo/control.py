@@ -302,7 +302,7 @@ def train_controlnet(
     progress = Progress(max(steps, 1), seconds, warmup=warmup)
     gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(dev).manual_seed(seed)
-    step, losses, loss = 0, [], torch.zeros(())
+    step, losses, window, loss = 0, [], [], torch.zeros(())
     every = max(1, min(100, steps // 10))
     controlnet.train()
     while step < steps and progress.fraction(step) < 1:
@@ -329,9 +329,11 @@ def train_controlnet(
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(averages, params, 1 - min(0.995, (1 + step) / (10 + step)))
-        if step % every == 0:
-            losses.append([step, round(loss.item(), 4)])
-            log.info("controlnet step %d loss %.4f (%.0f s)", step, loss.item(), time.perf_counter() - started)
+        window.append(loss.detach())
+        if (step + 1) % every == 0:  # the mean of the last `every` batches: one batch's loss is mostly noise level
+            losses.append([step + 1, round(torch.stack(window).mean().item(), 4)])
+            window = []
+            log.info("step %d mean loss %.4f (%.0f s)", step + 1, losses[-1][1], time.perf_counter() - started)
         step += 1
     trained = time.perf_counter() - progress.start
     log.info("stopped after %d steps in %.0f s, loss %.4f", step, trained, loss.item())
@@ -357,7 +359,7 @@ def train_controlnet(
             "seconds_training": round(trained, 1),
             "seconds": round(time.perf_counter() - started, 1),
             "final_loss": round(loss.item(), 4),
-            "losses": losses,
+            "mean_losses": losses,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
