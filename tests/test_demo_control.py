@@ -28,14 +28,15 @@ def pixels(image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """The ControlNet as training starts it (0 steps), written the way training writes it."""
-    return demo_control.train_controlnet(tmp_path_factory.mktemp("cn") / "untrained", steps=0, pictures=2)
+    return demo_control.train_controlnet(tmp_path_factory.mktemp("cn") / "untrained", steps=0, pictures=2, check=2)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """A 20-step run through the command line (seconds on a CPU)."""
     out = tmp_path_factory.mktemp("cn") / "smoke"
-    demo_control.main(["--out", str(out), "--steps", "20", "--batch", "1", "--pictures", "4", "--lr", "3e-3"])
+    quick = ["--steps", "20", "--batch", "1", "--pictures", "4", "--lr", "3e-3", "--check", "2"]
+    demo_control.main(["--out", str(out), *quick])
     return out
 
 
@@ -58,6 +59,8 @@ CANNY = {"control_type": "canny", "control_preprocess": True}
 
 def test_the_untrained_controlnet_changes_no_pixel(untrained, scene_file, tmp_path):
     scene, path = scene_file
+    loss = json.loads((untrained / "zstudio.json").read_text())["training"]["validation_loss"]
+    assert loss["control"] == loss["none"]  # the same noise, no hints
     generator = Generator(model="demo", device="cpu", controlnet=str(untrained), outputs=tmp_path).load()
     with_control = generate(generator, scene, path, control=str(path), **CANNY)
     assert np.array_equal(pixels(with_control), pixels(generate(generator, scene, path)))
@@ -66,6 +69,7 @@ def test_the_untrained_controlnet_changes_no_pixel(untrained, scene_file, tmp_pa
 def test_training_writes_a_controlnet_the_engine_loads_and_uses(smoke, scene_file, tmp_path):
     info = json.loads((smoke / "zstudio.json").read_text())
     assert info["control_types"] == ["canny"] and info["training"]["steps_run"] == 20
+    assert set(info["training"]["validation_loss"]) == {"control", "none"}
     assert (smoke / "diffusion_pytorch_model.safetensors").stat().st_size < 10e6
     scene, path = scene_file
     generator = Generator(model="demo", device="cpu", controlnet=str(smoke), outputs=tmp_path).load()

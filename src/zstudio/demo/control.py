@@ -248,10 +248,12 @@ def train_controlnet(
     pictures: int | None = None,
     warmup: int = 50,
     overwrite: bool = False,
+    check: int = HELD_OUT,
 ) -> Path:
     """Train on the embedded demo model (frozen) and write the ControlNet folder `out`. `time_budget` (seconds, for
     the whole run) stops training on time, keeping back time to save; `pictures` caps the training scenes (a seeded
-    sample: for quick tries and CPU runs)."""
+    sample: for quick tries and CPU runs); `check` validation scenes measure the final flow loss with control and
+    without."""
     from ..models import demo_source, load_pipeline
 
     target = Path(out)
@@ -337,6 +339,11 @@ def train_controlnet(
         step += 1
     trained = time.perf_counter() - progress.start
     log.info("stopped after %d steps in %.0f s, loss %.4f", step, trained, loss.item())
+    controlnet.eval()
+    with torch.no_grad():
+        torch._foreach_copy_(params, averages)
+    held_loss = validation_loss(pipe, controlnet, validation_scenes(seed)[:check], seed)
+    log.info("validation flow loss: %s", held_loss)
     state = {name: average for name, average in zip(weights, averages)}
     base = json.loads((source.path / "zstudio.json").read_text())
     info = {
@@ -360,12 +367,36 @@ def train_controlnet(
             "seconds": round(time.perf_counter() - started, 1),
             "final_loss": round(loss.item(), 4),
             "mean_losses": losses,
+            "validation_loss": held_loss,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
     }
     return save(controlnet.config, state, target, info)
+
+
+def validation_loss(pipe, controlnet, scenes: list[Scene], seed: int, sigmas=(0.25, 0.5, 0.75, 0.9)) -> dict:
+    """The flow-matching loss on `scenes` (their first placement-free caption; the same noise for both) with the
+    ControlNet's hints and without: how much of the picture the edges explain."""
+    transformer, dev = pipe.transformer, pipe.transformer.device
+    with torch.no_grad():
+        x0 = scaled_latents(pipe.vae, images_tensor(scenes).to(dev))
+        context = control_latents(pipe.vae, _uint8([control_image(s) for s in scenes]).to(dev))
+        features, lengths = encode_captions(pipe, [default_captions(s)[0] for s in scenes])
+        gen = torch.Generator().manual_seed(seed + 7)
+        totals = {"control": 0.0, "none": 0.0}
+        for level in sigmas:
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            sigma = torch.full((len(scenes),), level, device=dev)
+            noisy, t = noisy_latents(x0, noise, sigma), model_time(sigma)
+            with autocast(dev):
+                hints = batched_hints(controlnet, transformer, noisy, t, features, lengths, context,
+                                      DEFAULT_CONTROL_SCALE)  # fmt: skip
+                for name, given in (("control", hints), ("none", None)):
+                    pred = batched_forward(transformer, noisy, t, features, lengths, given)
+                    totals[name] += F.mse_loss(pred.float(), velocity_target(x0, noise)).item() / len(sigmas)
+    return {k: round(v, 4) for k, v in totals.items()}
 
 
 def save(config, state: dict[str, torch.Tensor], folder: Path, info: dict) -> Path:
@@ -439,13 +470,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-budget", type=float, help="seconds for the whole training run")
     parser.add_argument("--pictures", type=int, help="train on at most this many scenes (a seeded sample)")
     parser.add_argument("--limit", type=int, help="evaluate the first N scenes of the split only")
+    parser.add_argument("--check", type=int, default=HELD_OUT, help="validation scenes whose flow loss, with control "
+                        "and without, ends a training run")  # fmt: skip
     parser.add_argument("--json", help="with --evaluate: write the report here (default FOLDER/eval-SPLIT.json)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.out:
         folder = train_controlnet(args.out, args.seed, args.steps or 2000, args.batch, args.lr, args.device,
-                                  args.time_budget, args.pictures, overwrite=args.overwrite)  # fmt: skip
+                                  args.time_budget, args.pictures, overwrite=args.overwrite,
+                                  check=args.check)  # fmt: skip
         print(folder)
         return
     report = evaluate(args.evaluate, args.split, args.seed, args.device, args.steps, args.limit)
