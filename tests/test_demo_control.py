@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ZImageControlNetModel
+from PIL import Image
 
 from zstudio import GenerationParams, Generator
+from zstudio.control import canny
 from zstudio.demo import control as demo_control
 from zstudio.demo.dataset import POSITIONS, SHAPES, render
-from zstudio.demo.train import batched_forward
+from zstudio.demo.train import batched_forward, images_tensor
 from zstudio.models import demo_source
 from zstudio.tiny import Sizes, build_transformer
 
@@ -85,6 +87,8 @@ def test_training_sees_the_control_image_the_engine_makes(untrained, scene_file,
     params = generator.profile.resolve(GenerationParams(prompt="-", control=str(path), **CANNY))
     control_input = generator.validate_control(params)
     assert np.array_equal(np.asarray(control_input.image), np.asarray(demo_control.control_image(scene)))
+    rendered = images_tensor([scene])[0].permute(1, 2, 0).numpy()  # training's maps come from its rendered batch
+    assert np.array_equal(np.asarray(canny(Image.fromarray(rendered))), np.asarray(control_input.image))
     with torch.no_grad():
         engine = generator.encode_control(control_input, params).context.squeeze(2)
         ours = demo_control.control_latents(generator.pipe.vae, demo_control._uint8([control_input.image]))

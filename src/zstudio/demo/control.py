@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..control import canny
 from ..params import DEFAULT_CONTROL_SCALE
@@ -268,8 +269,9 @@ def train_controlnet(
     if pictures is not None:
         scenes = random.Random(seed).sample(scenes, min(pictures, len(scenes)))
     with torch.no_grad():
-        latents = scaled_latents(pipe.vae, images_tensor(scenes).to(dev))
-        maps = [np.asarray(control_image(s)) for s in scenes]
+        images = images_tensor(scenes)
+        latents = scaled_latents(pipe.vae, images.to(dev))
+        maps = [np.asarray(canny(Image.fromarray(a))) for a in images.permute(0, 2, 3, 1).numpy()]  # = control_image
         # Canny maps are white outlines whatever the colours: many scenes share one; each distinct map is encoded once
         distinct: dict[bytes, int] = {}
         which = torch.tensor([distinct.setdefault(m.tobytes(), len(distinct)) for m in maps])
