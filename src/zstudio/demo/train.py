@@ -220,12 +220,18 @@ def padded(lengths: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ transformer
 def batched_forward(
-    transformer, latents: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor
+    transformer,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    captions: torch.Tensor,
+    lengths: torch.Tensor,
+    hints: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`ZImageTransformer2DModel.forward` for a batch whose captions all pad to one length, without its per-sample
     Python loops (which cost more than the math on a GPU at this size). `latents` (B, 16, H, W); `captions`
-    (B, L, hidden) with L that padded length and `lengths` the real ones. `tests/test_demo_train.py` holds it equal
-    to the diffusers forward."""
+    (B, L, hidden) with L that padded length and `lengths` the real ones; `hints` are a ControlNet's block samples,
+    added after the layers they name (diffusers' `controlnet_block_samples`). `tests/test_demo_train.py` holds it
+    equal to the diffusers forward."""
     b, c, h, w = latents.shape
     p = 2
     ht, wt = h // p, w // p
@@ -252,8 +258,10 @@ def batched_forward(
         cap = layer(cap, None, caption_freqs)
     unified = torch.cat([x, cap], 1)
     freqs = torch.cat([image_freqs, caption_freqs], 1)
-    for layer in transformer.layers:
+    for index, layer in enumerate(transformer.layers):
         unified = layer(unified, None, freqs, adaln)
+        if hints is not None and index in hints:
+            unified = unified + hints[index]
     out = transformer.all_final_layer[f"{p}-1"](unified, c=adaln)[:, :n]
     # "(f h w) (pf ph pw c) -> c (f pf) (h ph) (w pw)", as diffusers' unpatchify
     return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
