@@ -67,10 +67,16 @@ def free_memory_bytes(device: torch.device) -> int | None:
 def memory_fraction(device: torch.device) -> float:
     """The per-process cap as a fraction of the card (1.0: none). Where torch cannot read it back (releases
     without `get_per_process_memory_fraction`), only caps set through `cap_memory` are seen."""
+    index = cuda_index(device)
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if getter is not None:
-        return float(getter(device))
-    return _fractions.get(device.index or 0, 1.0)
+        return float(getter(index))
+    return _fractions.get(index, 1.0)
+
+
+def cuda_index(device: torch.device) -> int:
+    """The card's number: `torch.device("cuda")` names none, and torch's memory-fraction calls refuse that."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 _fractions: dict[int, float] = {}
@@ -82,5 +88,5 @@ def cap_memory(device: torch.device, gib: float | None) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = 1.0 if gib is None else min(gib * 2**30 / total, 1.0)
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    _fractions[device.index or 0] = fraction
+    torch.cuda.set_per_process_memory_fraction(fraction, cuda_index(device))
+    _fractions[cuda_index(device)] = fraction
