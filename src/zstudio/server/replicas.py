@@ -12,6 +12,7 @@ router prefers a replica that last ran the same set (its adapters are warm).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import threading
@@ -48,6 +49,9 @@ class ReplicaSpec:
     memory: str | None = None
     warmup: bool = True
     device: str | None = None  # None: cuda when Ray gave the replica a GPU, else cpu
+    factory: str | None = (
+        None  # "module:function(device=...)" making the Generator instead (the benchmarks' random one)
+    )
 
 
 def warm_key(params: GenerationParams) -> str:
@@ -65,8 +69,13 @@ class EngineReplica:
         from ..engine import Generator
 
         device = spec.device or ("cuda" if ray.get_gpu_ids() else "cpu")
-        self.generator = Generator(model=spec.model, device=device, dtype=spec.dtype, speed=spec.speed,
-                                   memory=spec.memory).load()  # fmt: skip
+        if spec.factory:
+            module, _, function = spec.factory.partition(":")
+            make = getattr(importlib.import_module(module), function)
+            self.generator = make(device=device, speed=spec.speed or "eager")
+        else:
+            self.generator = Generator(model=spec.model, device=device, dtype=spec.dtype, speed=spec.speed,
+                                       memory=spec.memory).load()  # fmt: skip
         self.generator.loras.folder.folder_only = True  # as the ingress: LoRAs of the folder only
         if spec.warmup:
             self.generator.warmup()
