@@ -84,7 +84,30 @@ def test_killing_a_replica_mid_run_loses_no_accepted_job(runner, ingress, tmp_pa
         health = client.get("/api/v1/health")
     assert [job["status"] for job in jobs] == ["done"] * 8, [job.get("error") for job in jobs]
     assert runner.retried > retried  # the killed replica's job ran again elsewhere
+    wait_for(lambda: len([a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]])
+             == 2, timeout=90, what="Ray Serve to replace the killed replica")  # fmt: skip
     assert health.status_code == 200
+
+
+def test_cancel_stops_a_job_inside_its_replica_and_a_full_line_answers_429(runner, ingress, tmp_path):
+    long_job = {**JOB, "width": 768, "height": 768, "num_inference_steps": 100}  # tens of seconds on a CPU replica
+    with Running(create_app(ingress, tmp_path / "outputs", ui=False, max_waiting=1, runner=runner)) as client:
+        running = [client.post("/api/v1/generations", json={**long_job, "seed": s}).json()["id"] for s in (1, 2)]
+        for job_id in running:
+            wait_for(lambda job_id=job_id: client.get(f"/api/v1/generations/{job_id}").json()["step"] >= 1,
+                     timeout=60, what="a step reported from the replica")  # fmt: skip
+        waiting = client.post("/api/v1/generations", json=long_job)
+        assert waiting.status_code == 202 and waiting.json()["position"] == 1
+        full = client.post("/api/v1/generations", json=long_job)
+        assert full.status_code == 429 and int(full.headers["retry-after"]) > 0
+        client.delete(f"/api/v1/generations/{waiting.json()['id']}")
+        for job_id in running:
+            client.delete(f"/api/v1/generations/{job_id}")
+        jobs = [wait_done(client, job_id, timeout=60) for job_id in running]
+        after = wait_done(client, client.post("/api/v1/generations", json={**JOB, "seed": 3}).json()["id"])
+    assert [job["status"] for job in jobs] == ["cancelled", "cancelled"]
+    assert all(job["step"] < 100 and job["outputs"] == [] for job in jobs)  # stopped inside the replicas
+    assert after["status"] == "done"  # the replicas serve on
 
 
 def test_warm_key_names_the_lora_set_only():

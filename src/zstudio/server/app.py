@@ -184,7 +184,6 @@ def serve(
                               settings=settings)  # fmt: skip
         spec = ReplicaSpec(model=model, speed=speed, memory=memory, warmup=warmup, device=device)
         runner = start_replicas(spec, replicas=replicas, gpus_per_replica=gpus_per_replica, address=ray_address)
-        generator.load = lambda: generator  # type: ignore[method-assign]  # never load weights at the ingress
     else:
         generator = Generator(model=model, outputs=folder, device=device, speed=speed, memory=memory,
                               settings=settings)  # fmt: skip
