@@ -44,30 +44,43 @@ def forward(transformer: torch.nn.Module) -> np.ndarray:
         return transformer(latents, torch.tensor([0.5]), caption, return_dict=False)[0][0].numpy()
 
 
-def _rank(rank: int, port: int, fast: bool, results) -> None:
+def _rank(rank: int, port: int, results) -> None:
     init_group(rank, 2, port, torch.device("cpu"))
-    transformer = odd_head_transformer(fast)
-    enable_ulysses(transformer, 2, torch.device("cpu"))
-    out = forward(transformer)
-    results.put((rank, out))
+    for fast in (False, True):
+        transformer = odd_head_transformer(fast)
+        enable_ulysses(transformer, 2, torch.device("cpu"))
+        results.put((rank, fast, forward(transformer)))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["diffusers-processor", "fast-processor"])
-def test_two_ranks_match_one_process_with_an_odd_head_count(fast):
-    expected = forward(odd_head_transformer(fast))
+def test_two_ranks_match_one_process_with_an_odd_head_count():
+    """diffusers' attention processor and zstudio's fast one (speed fast/fastest), in the same two ranks."""
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    ranks = [context.Process(target=_rank, args=(rank, port, fast, results)) for rank in range(2)]
+    ranks = [context.Process(target=_rank, args=(rank, port, results)) for rank in range(2)]
     for process in ranks:
         process.start()
-    outs = dict(results.get(timeout=120) for _ in ranks)
+    outs = [results.get(timeout=120) for _ in range(4)]
     for process in ranks:
         process.join(30)
-    for rank, out in outs.items():
-        assert out.shape == expected.shape
-        assert np.abs(out - expected).max() <= FLOAT32_BOUND, f"rank {rank}"
+    for fast in (False, True):
+        expected = forward(odd_head_transformer(fast))
+        for rank in range(2):
+            out = next(o for r, f, o in outs if r == rank and f == fast)
+            assert out.shape == expected.shape
+            assert np.abs(out - expected).max() <= FLOAT32_BOUND, f"rank {rank}, fast {fast}"
+
+
+def test_serve_refuses_a_bad_parallel_name_and_ulysses_with_replicas(tmp_path):
+    from click.testing import CliRunner
+
+    from zstudio.cli import main
+
+    bad = CliRunner().invoke(main, ["serve", "--parallel", "ring:2", "--outputs", str(tmp_path)])
+    assert bad.exit_code == 2 and "parallel" in bad.output and "ulysses:N" in bad.output
+    both = CliRunner().invoke(main, ["serve", "--ray", "--parallel", "ulysses:2", "--outputs", str(tmp_path)])
+    assert both.exit_code == 2 and "with --ray" in both.output
 
 
 def test_ulysses_generator_draws_the_single_process_image(tiny_dir, generator, tmp_path):

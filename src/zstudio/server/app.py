@@ -172,6 +172,9 @@ def serve(
     if not is_loopback(host) and not token:
         raise ParamError("token", f"binding to {host} exposes the studio to the network; set --token or ZSTUDIO_TOKEN")
     check_token(token)
+    degree = parse_parallel(parallel)
+    if ray and degree > 1:
+        raise ParamError("parallel", "splits one engine over GPUs; with --ray each replica is one engine: use one")
     settings = load_settings()
     folder = Path(outputs) if outputs is not None else settings.outputs
     check_writable(folder, "outputs")  # before minutes of loading, and in one line
@@ -187,7 +190,7 @@ def serve(
     else:
         generator = Generator(model=model, outputs=folder, device=device, speed=speed, memory=memory,
                               settings=settings)  # fmt: skip
-        if (degree := parse_parallel(parallel)) > 1:
+        if degree > 1:
             start_ulysses(generator, degree)
         generator.load()
     if warmup and not ray:
