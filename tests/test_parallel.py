@@ -9,7 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from zstudio.engine import Generator
-from zstudio.parallel import enable_ulysses, free_port, init_group, parse_parallel, start_ulysses, stop_ulysses
+from zstudio.parallel import (
+    check_compiled,
+    enable_ulysses,
+    free_port,
+    init_group,
+    parse_parallel,
+    start_ulysses,
+    stop_ulysses,
+)
 from zstudio.params import GenerationParams, ParamError
 from zstudio.tiny import Sizes, build_transformer
 
@@ -70,6 +78,13 @@ def test_two_ranks_match_one_process_with_an_odd_head_count():
             out = next(o for r, f, o in outs if r == rank and f == fast)
             assert out.shape == expected.shape
             assert np.abs(out - expected).max() <= FLOAT32_BOUND, f"rank {rank}, fast {fast}"
+
+
+def test_compiled_speed_is_refused_where_heads_need_padding():
+    check_compiled(30, 2, "fast")  # plain Ulysses: compiles (checked on the CPU with bench.scale --tiny --speed fast)
+    check_compiled(30, 4, "exact")
+    with pytest.raises(ParamError, match="parallel.*--speed exact"):
+        check_compiled(30, 4, "fast")
 
 
 def test_serve_refuses_a_bad_parallel_name_and_ulysses_with_replicas(tmp_path):

@@ -66,6 +66,14 @@ def zimage_cp_plan(transformer: torch.nn.Module) -> dict[str, Any]:
     return plan
 
 
+def check_compiled(heads: int, degree: int, speed: str) -> None:
+    """Compiled speed modes work with plain Ulysses (heads divide N: Z-Image's 30 on 2, 3, 5 or 6 GPUs); diffusers'
+    head-padding path gathers sizes inside the graph, which torch.compile (2.13) cannot trace."""
+    if speed in ("fast", "fastest") and heads % degree:
+        raise ParamError("parallel", f"ulysses:{degree} pads {heads} heads, which speed {speed} cannot compile; use "
+                                     f"a GPU count dividing {heads}, or --speed exact")  # fmt: skip
+
+
 def enable_ulysses(transformer: torch.nn.Module, degree: int, device: torch.device) -> None:
     """Put Ulysses attention and the token split on `transformer`; torch.distributed must be initialised with
     `degree` ranks. Works with diffusers' processor and zstudio's fast one (both dispatch through diffusers)."""
@@ -76,7 +84,9 @@ def enable_ulysses(transformer: torch.nn.Module, degree: int, device: torch.devi
     if world != degree:
         raise ValueError(f"ulysses:{degree} needs {degree} ranks; torch.distributed has {world}")
     mesh = dist.device_mesh.init_device_mesh(device.type, (1, degree), mesh_dim_names=("ring", "ulysses"))
-    config = ContextParallelConfig(ulysses_degree=degree, ulysses_anything=True, mesh=mesh)
+    # Heads that divide evenly take diffusers' plain Ulysses path; others its "anything" path, which pads them.
+    heads = transformer.config.n_heads
+    config = ContextParallelConfig(ulysses_degree=degree, ulysses_anything=heads % degree != 0, mesh=mesh)
 
     # diffusers picks the device as rank % accelerator count, which fails on CPU (gloo, the tests): give our own.
     def resolve(cp_config: ContextParallelConfig) -> ParallelConfig:
@@ -87,6 +97,23 @@ def enable_ulysses(transformer: torch.nn.Module, degree: int, device: torch.devi
 
     transformer._resolve_parallel_config = resolve
     transformer.enable_parallelism(config=config, cp_plan=zimage_cp_plan(transformer))
+    _prime_split_hooks(transformer)
+
+
+def _prime_split_hooks(transformer: torch.nn.Module) -> None:
+    """diffusers' split hook reads the block's signature on its first call, which torch.compile cannot trace
+    (compiled fast modes then fail); fill that cache now, outside any compiled region."""
+    import inspect
+
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            if isinstance(hook, ContextParallelSplitHook):
+                metadata = hook.module_forward_metadata
+                names = list(inspect.signature(metadata._cls.forward).parameters)[1:]  # without self
+                metadata.cached_parameter_indices = {name: index for index, name in enumerate(names)}
 
 
 def free_port() -> int:
@@ -130,7 +157,8 @@ def _follow(index: int, degree: int, port: int, spec: dict[str, Any]) -> None:
 
 
 def start_ulysses(generator: Any, degree: int) -> Any:
-    """Make `generator` (a `zstudio.engine.Generator`, on cuda:0 or the CPU) rank 0 of a Ulysses group of `degree`.
+    """Make `generator` (a `zstudio.engine.Generator`, on cuda:0 or the CPU) rank 0 of a Ulysses group of `degree`;
+    it loads here, before the other ranks start.
 
     Returns the spawned processes' context; call `stop_ulysses(generator)` to end them."""
     import torch.multiprocessing as mp
@@ -140,13 +168,14 @@ def start_ulysses(generator: Any, degree: int) -> Any:
     base = generator.device
     if base.type == "cuda" and torch.cuda.device_count() < degree:
         raise ParamError("parallel", f"ulysses:{degree} needs {degree} GPUs; this host has {torch.cuda.device_count()}")
+    generator.load()  # first: a refusal below leaves no rank waiting
+    check_compiled(generator.pipe.transformer.config.n_heads, degree, generator.speed)
     port = free_port()
     spec = {"model": generator.model_spec, "device": str(base), "dtype": str(generator.dtype).removeprefix("torch."),
             "speed": generator.speed, "memory": "resident", "settings": generator.settings}  # fmt: skip
     context = mp.start_processes(_follow, args=(degree, port, spec), nprocs=degree - 1, join=False,
                                  start_method="spawn")  # fmt: skip
     init_group(0, degree, port, rank_device(base, 0))
-    generator.load()
     enable_ulysses(generator.pipe.transformer, degree, rank_device(base, 0))
     single = generator.generate_images
 
