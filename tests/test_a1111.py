@@ -93,7 +93,7 @@ def test_fields_that_would_change_the_picture_are_reported_as_ignored(served):
         "sampler_name": "DPM++ 2M",
         "scheduler": "Karras",
         "override_settings": {"sd_model_checkpoint": "other.safetensors", "samples_format": "png"},
-        "alwayson_scripts": {"ControlNet": {"args": []}},
+        "alwayson_scripts": {"ADetailer": {"args": []}},
         "eta": 0.0,
         "hr_second_pass_steps": 20,
         "send_images": False,

@@ -109,11 +109,53 @@ def test_metadata_records_the_control_recipe(controlled, shape_file):
     assert result.metadata[0]["params"]["control"] == str(shape_file.resolve())
 
 
-def test_control_combines_with_image_to_image_but_not_yet_inpainting(controlled, shape_file):
+def test_control_combines_with_image_to_image(controlled, shape_file):
     edited = run(controlled, control=str(shape_file), image=str(shape_file), strength=0.6)
     assert edited.metadata[0]["edit"]["mode"] == "image-to-image" and "control" in edited.metadata[0]
-    with pytest.raises(ParamError, match="inpainting"):
-        run(controlled, control=str(shape_file), image=str(shape_file), outpaint={"left": 64})
+
+
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_inpainting_with_control_matches_diffusers_controlnet_inpaint_pipeline(controlled, tiny_dir, shape_file,
+                                                                             tmp_path, cfg):  # fmt: skip
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    picture = Image.new("RGB", (128, 128), (40, 90, 160))
+    ImageDraw.Draw(picture).rectangle((10, 70, 118, 110), fill=(200, 180, 40))
+    picture.save(tmp_path / "picture.png")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 16, 96, 80))
+    mask.save(tmp_path / "mask.png")
+    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", seed=11, cfg_scale=cfg, mask_blur=0,
+                              image=str(tmp_path / "picture.png"), mask=str(tmp_path / "mask.png"),
+                              control=str(shape_file), control_scale=0.9, **SIZE)  # fmt: skip
+    ours = controlled.generate_images(params)
+    assert ours.metadata[0]["edit"]["mode"] == "inpaint" and "control" in ours.metadata[0]
+    pipe = controlled.pipe
+    reference = ZImageControlNetInpaintPipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer,
+        controlnet=ZImageControlNetModel.from_pretrained(tiny_dir / CONTROLNET_FOLDER, torch_dtype=torch.float32),
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    fitted = control.validate(params, controlled.controlnet_source, 128, 128).image
+    theirs = reference(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, width=128, height=128, num_inference_steps=3,
+        guidance_scale=cfg, image=picture, mask_image=mask, control_image=fitted, controlnet_conditioning_scale=0.9,
+        latents=controlled.prepare_latents(ours.seeds, 128, 128),
+    ).images[0]  # fmt: skip
+    from diffusers.image_processor import VaeImageProcessor
+
+    theirs = VaeImageProcessor().apply_overlay(mask, picture, theirs)  # ours pastes the kept area back
+    assert np.abs(pixels(ours.images[0]) - pixels(theirs)).max() <= 1
+    inside = np.asarray(mask) > 0
+    assert np.abs(pixels(ours.images[0]) - pixels(picture))[inside].max() > 8  # the masked area was repainted
+
+
+def test_inpainting_with_control_below_full_strength_starts_from_the_picture(controlled, shape_file):
+    half = run(controlled, control=str(shape_file), image=str(shape_file), outpaint={"left": 64}, strength=0.5)
+    full = run(controlled, control=str(shape_file), image=str(shape_file), outpaint={"left": 64})
+    assert half.metadata[0]["transformer_evaluations"] < full.metadata[0]["transformer_evaluations"]
+    assert not np.array_equal(pixels(half.images[0]), pixels(full.images[0]))
 
 
 def test_controlnet_loads_from_a_single_file_and_refuses_a_missing_repo(tiny_dir):

@@ -95,6 +95,20 @@ def test_trained_checkpoint_loads_as_a_demo_profile_model(trained):
         generator.generate_images(GenerationParams(prompt="a red circle", width=1024, height=1024))
 
 
+def test_a_second_phase_goes_on_from_the_first_checkpoint(trained):
+    root, first = trained
+    [second] = train(root / "phase2", seed=3, candidates=("s",), **FEW_STEPS, init=first)
+    [vae_a], [vae_b] = (f.joinpath("vae").glob("*.safetensors") for f in (first, second))
+    assert all(load_file(vae_a)[k].equal(v) for k, v in load_file(vae_b).items())  # the VAE is not trained again
+    [a], [b] = (f.joinpath("transformer").glob("*.safetensors") for f in (first, second))
+    left, right = load_file(a), load_file(b)
+    assert any(not left[k].equal(right[k]) for k in left)  # the transformer went on learning
+    info = json.loads((second / "zstudio.json").read_text())["training"]
+    assert info["init"] == str(first) and info["previous_phase"]["steps_run"] == 4
+    with pytest.raises(ValueError, match="--candidates s"):
+        train(root / "phase2b", seed=3, candidates=("m",), **FEW_STEPS, init=first)
+
+
 def test_training_refuses_to_overwrite_a_folder(trained):
     root, _ = trained
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -215,7 +215,9 @@ def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path, mon
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
     args = ["edit", "source.png", "a red circle", "--mask", "mask.png", "--outpaint", "right=16", "--strength", "0.75",
-            "--mask-blur", "2", "--steps", "4", "--seed", "9", "--model", str(tiny_dir), "--out", str(out)]  # fmt: skip
+            "--mask-blur", "2", "--steps", "4", "--seed", "9", "--model", str(tiny_dir), "--out", str(out),
+            "--negative", "blurry", "--cfg", "1.5", "--cfg-normalization", "1.2", "--cfg-truncation", "0.9",
+            "--max-tokens", "77"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     path = output_path(result.output)
@@ -236,7 +238,14 @@ def test_cli_edit_records_the_recipe_and_show_remakes_it(tiny_dir, tmp_path, mon
     shown = CliRunner().invoke(main, ["show", str(path)])
     assert shown.exit_code == 0, shown.output
     assert recipe["source"]["sha256"] in shown.output and "outpaint         right=16" in shown.output
+    assert "image sha256     " + recipe["source"]["sha256"] + " (80x64 PNG)" in shown.output
+    assert "canvas           96x64, crop to 96x64" in shown.output and "cfg norm/trunc   1.2 / 0.9" in shown.output
     remake = shown.output.split("remake           ")[1].strip()
+    # Every field of the recipe that differs from generate's defaults is in the remake, the ones without a
+    # control in other doors too.
+    for option in ('--negative "blurry"', "--cfg 1.5", "--cfg-normalization 1.2", "--cfg-truncation 0.9",
+                   "--max-tokens 77"):  # fmt: skip
+        assert option in remake
     redo = CliRunner().invoke(main, [*shlex.split(remake)[1:], "--model", str(tiny_dir), "--out", str(tmp_path / "r")])
     assert redo.exit_code == 0, redo.output
     assert np.array_equal(pixels(Image.open(path)), pixels(Image.open(output_path(redo.output))))
@@ -358,18 +367,13 @@ def edit_20_seeds(demo, **fields):
 
 
 def test_demo_image_to_image_changes_the_colour_and_follows_the_source(demo, red_circle):
-    """The issue asks for colour changed and position kept in 80% of 20 seeds at strength 0.6-0.8. The first demo
-    model does not reach it (2026-11, version 1 at 64x64, default 20 steps, CFG 3, 20 seeds): at 0.6 the position is
-    kept in 20/20 but the colour changes in 1/20; from 0.7 the colour changes in 17-18/20 but the shape drifts
-    (position kept 10-12/20); both at once: 1, 6, 10, 12 and 10 of 20 at 0.6, 0.65, 0.7, 0.75, 0.8. Asserted here:
-    those measured bars, each with a little room, so a source that stops steering or a prompt that stops
-    recolouring fails."""
-    low = edit_20_seeds(demo, image=str(red_circle), strength=0.6)
-    assert sum(j.position == "centre" for j in low) >= 18  # the source steers at 0.6: measured 20/20 ...
-    assert sum(j.color != "green" for j in low) >= 17  # ... and its colour mostly holds (19/20)
-    high = edit_20_seeds(demo, image=str(red_circle), strength=0.75)
-    assert sum(j.color == "green" and j.background == "blue" for j in high) >= 16  # measured 18/20
-    assert sum(j.color == "green" and j.position == "centre" for j in high) >= 10  # 12/20; the issue's bar, 16, unmet
+    """The issue's bar: at strength 0.6-0.8 the shape's colour changes and its position holds in at least 80% of 20
+    seeds. Measured on demo model version 2 (128x128, 20 steps, CFG 3): 20/20 at 0.6, 0.7 and 0.8 (colour green,
+    background blue, centred, a circle). Asserted at both ends of the range, with the issue's 16 of 20."""
+    for strength in (0.6, 0.8):
+        judged = edit_20_seeds(demo, image=str(red_circle), strength=strength)
+        right = [j.color == "green" and j.background == "blue" and j.position == "centre" for j in judged]
+        assert sum(right) >= 16, (strength, judged)
 
 
 def test_demo_inpainting_repaints_only_inside_the_mask(demo, red_circle, tmp_path):

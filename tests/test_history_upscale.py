@@ -16,7 +16,7 @@ from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 from zstudio.server.mcp import summary
 from zstudio.server.protocol import HistoryPage, Job, UpscaleParams
-from zstudio.server.ui import history_caption, record_text, upscale_job, upscale_settings
+from zstudio.server.ui import file_recipe, history_caption, record_text, upscale_job, upscale_settings
 
 DRAFT = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 7}
 
@@ -114,4 +114,8 @@ def test_the_web_uis_upscale_is_in_the_history_and_use_these_settings_restores_i
     assert item["outputs"] == [last[2][0].rsplit("/", 1)[1]] and item["params"]["source"] == draft
     assert "upscale 1.5x · a red circle" in history_caption(item, "en")
     assert f"of `{draft}`" in record_text(item, "en") and "放大 1.5x" in record_text(item, "zh")
+    source = Image.open(studio.outputs / draft)
+    shown = record_text(item, "en", file_recipe(studio.outputs / item["outputs"][0]))  # the file's recipe, as shown
+    assert (f"source {source.width}x{source.height}, sha256 `{item['params']['source_sha256']}` · upscaler lanczos "
+            "(Lanczos, native scale —)") in shown  # fmt: skip
     assert upscale_settings(studio, item, "en") == (str(studio.outputs / draft), 1.5, "lanczos", 0)

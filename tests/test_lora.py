@@ -188,17 +188,6 @@ def test_bad_requests_get_one_line_each(tiny, lora_dir):
             GenerationParams(**TINY, loras=loras)
 
 
-def test_eight_bit_weights_refuse_loras_in_one_line(tiny):
-    tiny.pipe.transformer._zstudio_8bit = "int8 weight-only"
-    try:
-        with pytest.raises(ParamError, match="LoRAs do not combine with 8-bit transformer weights"):
-            tiny.generate_images(GenerationParams(**TINY, seed=1, loras=(("one", 1.0),)))
-        tiny.generate_images(GenerationParams(**TINY, seed=1))  # without LoRAs it still runs
-    finally:
-        del tiny.pipe.transformer._zstudio_8bit
-
-
-# -------------------------------------------------------------------------------------------- doors
 def test_prompt_tags_become_loras_and_leave_the_prompt(tiny):
     assert lora.parse_prompt("ink <lora:one:0.8>, a cat <LORA:two>") == ("ink , a cat", [("one", 0.8), ("two", 1.0)])
     with pytest.raises(ParamError, match="is not a number"):

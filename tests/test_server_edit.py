@@ -258,6 +258,34 @@ def test_webuiapi_img2img_and_inpaint(served):
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "init_images"]
 
 
+def test_webuiapi_inpainting_mask_invert_repaints_the_black_area(served):
+    """1 = the WebUI's "inpaint not masked": the square (white) is kept and the rest repainted; 0 the reverse. With
+    mask_blur 0 the kept pixels are the source's own, so each case is told apart by its pixels."""
+    runner, _, _ = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=runner.port, sampler="Euler")
+    source = Image.new("RGB", (SIDE, SIDE), (200, 30, 30))
+    mask = Image.open(io.BytesIO(square_mask()))
+    inside, outside = (SIDE // 2, SIDE // 2), (4, 4)
+    kept = {}
+    for invert in (0, 1):
+        result = api.img2img(images=[source], mask_image=mask, inpainting_mask_invert=invert, mask_blur=0,
+                             prompt="x", width=SIDE, height=SIDE, steps=2, cfg_scale=0, seed=5,
+                             denoising_strength=0.5)  # fmt: skip
+        image = result.images[0].convert("RGB")
+        kept[invert] = [image.getpixel(xy) == (200, 30, 30) for xy in (inside, outside)]
+        # webuiapi sends inpainting_fill 0 ("fill") and inpaint_full_res true ("only masked"): neither is implemented
+        assert ignored_names(result.info) == ["inpainting_fill", "inpaint_full_res"]
+    assert kept == {0: [False, True], 1: [True, False]}
+    body = {"prompt": "x", "init_images": [base64.b64encode(png()).decode()],
+            "mask": base64.b64encode(square_mask()).decode(), "inpainting_mask_invert": 2}  # fmt: skip
+    bad = httpx.post(f"{runner.url}/sdapi/v1/img2img", json=body)
+    assert bad.status_code == 422 and "inpainting_mask_invert: 2 is not 0" in bad.text
+
+
+def ignored_names(info: dict) -> list[str]:
+    return [line.split(":")[0] for line in info["ignored"]]
+
+
 def test_upscale_by_name_and_upload(served, source_name):
     _, client, root = served
     listed = client.get("/api/v1/upscalers").json()["upscalers"]

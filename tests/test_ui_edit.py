@@ -14,13 +14,27 @@ import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+from safetensors.torch import save_file
 
 from helpers import Running
+from test_lora import reference_layers, write_format
+from test_ui_lora import handler, request
+from zstudio import lora
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.params import GenerationParams
 from zstudio.server.app import create_app
-from zstudio.server.ui import edit_request, hires_request, inpaint_request, inputs_folder, run_job, upscale_job
+from zstudio.server.ui import (
+    edit_request,
+    file_recipe,
+    hires_request,
+    inpaint_request,
+    inputs_folder,
+    record_text,
+    run_job,
+    upscale_job,
+)
+from zstudio.upscale import RERENDER_SETS
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,6 +46,11 @@ RECIPE = {"prompt": "a red circle", "negative_prompt": "", "num_inference_steps"
 @pytest.fixture(scope="module")
 def served(tiny_dir, tmp_path_factory):
     generator = Generator(model=str(tiny_dir), device="cpu").load()
+    folder = tmp_path_factory.mktemp("ui-edit-loras")  # ink0 ... ink4: more LoRAs than a tab has rows
+    sd, _ = write_format(reference_layers(generator.pipe.transformer, 1), "peft")
+    for i in range(5):
+        save_file(sd, str(folder / f"ink{i}.safetensors"))
+    generator.loras.folder = lora.LoraFolder(folder)
     app = create_app(generator, tmp_path_factory.mktemp("ui-edit-outputs"))
     runner = Running(app)
     client = runner.__enter__()
@@ -83,6 +102,54 @@ def test_upscale_and_rerender_follow_the_source(served, draft):
     hires = hires_request(draft)  # "Re-render at 1024": the draft's own recipe, larger, at a low strength
     assert (hires.width, hires.height, hires.strength, hires.image) == (1024, 1024, 0.3, draft)
     assert (hires.prompt, hires.seed, hires.num_inference_steps) == (RECIPE["prompt"], 5, 2)
+
+
+def run_wired(demo: gr.Blocks, send: str, run: str, path: str) -> dict:
+    """Click a send button as the page wires it: `send`'s outputs fill the page, then `run` takes the page's values
+    (each component's initial value where `send` set none). Returns the recipe of the job's first picture."""
+    sent = handler(demo, send)
+    page = {id(c): v for c, v in zip(sent.outputs, sent.fn(path, request()))}
+    job = handler(demo, run)
+    *_, last = job.fn(request(), *(page.get(id(c), c.value) for c in job.inputs))
+    return read_metadata(last[5][0])["params"]
+
+
+def test_rerender_and_send_keep_every_field_of_the_sources_recipe(served):
+    """Fields without a control in the edit tabs (max_sequence_length, cfg_normalization, cfg_truncation, the output
+    format, LoRAs past the rows) travel with the sent picture; only what the re-render sets itself differs."""
+    _, studio = served
+    loras = [(f"ink{i}", 0.1 * (i + 1)) for i in range(5)]
+    recipe = {**RECIPE, "negative_prompt": "blurry", "cfg_scale": 1.5, "max_sequence_length": 77,
+              "cfg_normalization": 1.2, "cfg_truncation": 0.9, "loras": loras, "output_format": "webp"}  # fmt: skip
+    draft = finish(run_job(studio, "en", lambda: GenerationParams(**recipe, width=64, height=64)))[5][0]
+    source = read_metadata(draft)["params"]
+    assert source["max_sequence_length"] == 77 and len(source["loras"]) == 5  # what must travel
+    kept = {k: v for k, v in source.items() if k not in RERENDER_SETS}
+
+    rerendered = run_wired(studio.blocks, "to_rerender", "image_to_image", draft)
+    assert {k: v for k, v in rerendered.items() if k not in RERENDER_SETS} == kept
+    assert (rerendered["width"], rerendered["strength"]) == (1024, 0.3)
+
+    sent = run_wired(studio.blocks, "to_img2img", "image_to_image", draft)
+    assert {k: v for k, v in sent.items() if k not in RERENDER_SETS} == kept
+    assert (sent["width"], sent["height"]) == (64, 64)
+
+
+def test_the_history_shows_an_edits_source_mask_and_strength(served, draft):
+    _, studio = served
+    mask = Image.new("L", Image.open(draft).size, 0)
+    mask.paste(255, (64, 64, 128, 128))
+    out = finish(run_job(studio, "en", lambda: edit_request(studio, RECIPE, draft, mask, 0.8, mask_blur=2)))[5][0]
+    (record,) = [r for r in studio.queue.history.page(limit=5) if r["outputs"] == [out.rsplit("/", 1)[1]]]
+    recipe = file_recipe(out)
+    source_sha = hashlib.sha256(open(draft, "rb").read()).hexdigest()
+    mask_sha = recipe["edit"]["mask"]["sha256"]
+    line = record_text(record, "en", recipe)
+    # The UI keeps its own copy of the source, named by its SHA-256.
+    assert f"**Inpaint** of `{source_sha}.png` (256x256, PNG, sha256 `{source_sha}`) · strength 0.8" in line
+    assert f"mask `{mask_sha}.png` (sha256 `{mask_sha}`) · mask blur 2 px" in line
+    assert "**局部重绘**" in record_text(record, "zh", recipe)
+    assert "Inpaint" not in record_text(record, "en")  # without the file's recipe: the generation's line only
 
 
 def test_bad_edits_are_refused_in_one_line_in_the_users_language(served, draft, tmp_path):

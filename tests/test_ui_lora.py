@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -142,13 +143,15 @@ def test_refusals_reach_the_page_in_one_line(served):
     with pytest.raises(gr.Error) as refused:  # a LoRA since removed: refused before queueing
         call(demo, "generate", {**VALUES, "lora-0": "gone"}, lang="zh")
     assert refused.value.message.startswith("输入有误：loras: no LoRA 'gone'") and "\n" not in refused.value.message
-    transformer = studio.queue.generator.pipe.transformer
-    transformer._zstudio_8bit = "int8 weight-only"
-    try:  # refused by the engine while the job runs: the progress line says so
-        progress = call(demo, "generate", {**VALUES, "lora-0": "ink"})[1]
+    folder = studio.queue.generator.loras.folder.folder
+    other = {"transformer.elsewhere.lora_A.weight": torch.zeros(4, 8),
+             "transformer.elsewhere.lora_B.weight": torch.zeros(8, 4)}  # fmt: skip
+    save_file(other, str(folder / "other.safetensors"))
+    try:  # a LoRA for another model: refused by the engine while the job runs, and the progress line says so
+        progress = call(demo, "generate", {**VALUES, "lora-0": "other"})[1]
     finally:
-        del transformer._zstudio_8bit
-    assert "failed: ParamError: loras: LoRAs do not combine with 8-bit transformer weights" in progress
+        (folder / "other.safetensors").unlink()
+    assert "failed: ParamError: loras: other: 1 of 1 LoRA layers do not match this Z-Image transformer" in progress
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")

@@ -177,13 +177,15 @@ def test_bad_inputs_are_refused_with_one_line_before_decoding(tmp_path):
     png_header_only(tmp_path / "big.png", 5_000, 5_000)  # 25 MP: under Pillow's, over ours
     noise(8, 8).save(tmp_path / "small.png")
     cases = [
-        ("text.png", 2.0, UpscaleLimits(), "is not an image Pillow can read"),
-        ("anim.gif", 2.0, UpscaleLimits(), "is GIF; supported are PNG, JPEG, WEBP, BMP"),
-        ("bomb.png", 2.0, UpscaleLimits(), "decompression bomb"),
-        ("big.png", 2.0, UpscaleLimits(), r"5000x5000 \(25.0 MP\); at most 16.8 MP"),
-        ("small.png", 2.0, UpscaleLimits(max_input_bytes=10), "MiB are read"),
+        # One reader for every input (zstudio.input_image), so the edit's wording: the file by name, the formats
+        # accepted, megapixels, "MiB is accepted".
+        ("text.png", 2.0, UpscaleLimits(), "image: text.png is not a PNG, JPEG, WebP or BMP image"),
+        ("anim.gif", 2.0, UpscaleLimits(), "image: anim.gif is not a PNG, JPEG, WebP or BMP image"),
+        ("bomb.png", 2.0, UpscaleLimits(), "image: bomb.png claims more pixels than Pillow's decompression-bomb"),
+        ("big.png", 2.0, UpscaleLimits(), "image: big.png is 5000x5000, 25.0 megapixels; at most 16.7772 are accepted"),
+        ("small.png", 2.0, UpscaleLimits(max_input_bytes=10), r"image: small.png is 0.0 MiB; at most 9.5\d*e-06 MiB"),
         ("small.png", 4.0, UpscaleLimits(max_side=16), "8x8 at 4x would be 32x32"),
-        ("missing.png", 2.0, UpscaleLimits(), "is not a file"),
+        ("missing.png", 2.0, UpscaleLimits(), "image: '.*missing.png' is not a file"),
     ]
     for name, scale, limits, message in cases:
         with pytest.raises(ParamError, match=message) as err:
@@ -256,6 +258,10 @@ def test_cli_upscale_writes_a_png_with_the_recipe_and_show_prints_it(tmp_path, m
     assert shown.exit_code == 0, shown.output
     assert "24x16 -> 48x32 (2x)" in shown.stdout and "RealESRGAN_x2plus (ESRGAN, native scale 2)" in shown.stdout
     assert source["sha256"] in shown.stdout and '"a red circle" seed 7' in shown.stdout
+    assert f"upscaler file    RealESRGAN_x2plus.safetensors sha256 {up['upscaler']['sha256']} (cpu, float32)" in (
+        shown.stdout
+    )
+    assert f"source           {draft.name} sha256 {source['sha256']} (PNG)" in shown.stdout
 
 
 def test_cli_lists_upscalers_with_the_lanczos_fallback(models, monkeypatch):
@@ -290,13 +296,17 @@ def test_cli_refusals_exit_2_with_one_line_and_write_nothing(tmp_path, draft, ar
 def test_hires_fix_rerenders_the_upscaled_draft_with_its_own_recipe(generator, tmp_path):
     from conftest import SMALL
 
-    draft_path = generator.generate(prompt="a blue square", seed=11, num_inference_steps=2, **SMALL,
-                                    output_dir=tmp_path)[0][0]  # fmt: skip
+    extras = {"negative_prompt": "dull", "cfg_scale": 1.5, "max_sequence_length": 64, "cfg_normalization": 1.1,
+              "cfg_truncation": 0.8}  # fmt: skip
+    draft_path = generator.generate(prompt="a blue square", seed=11, num_inference_steps=2, **SMALL, **extras,
+                                    output_format="webp", output_dir=tmp_path)[0][0]  # fmt: skip
     result = generator.upscale(draft_path, scale=1.5, refine=0.3, output_dir=tmp_path / "out")
     meta = read_metadata(result.path)
     assert Image.open(result.path).size == (384, 384)
     p = meta["params"]
     assert (p["prompt"], p["seed"], p["num_inference_steps"], p["strength"]) == ("a blue square", 11, 2, 0.3)
+    assert {k: p[k] for k in extras} == extras  # the whole recipe, not only prompt, seed and steps
+    assert p["output_format"] == "png" and Image.open(result.path).format == "PNG"  # what an upscale writes
     assert (p["width"], p["height"]) == (384, 384)
     assert meta["upscale"]["refine"] == 0.3 and meta["source"]["metadata"]["params"]["width"] == 256
 

@@ -89,6 +89,20 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
 @click.option("--seed", type=int, default=-1, show_default=True, help="Seed; -1 picks one at random.")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images to make (1-8).")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Prompt token limit.")
+@click.option(
+    "--cfg-normalization",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Cap the guided prediction's norm at this many times the conditional one (0 = off; with --cfg).",
+)
+@click.option(
+    "--cfg-truncation",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="0-1: guidance stops once the schedule passes this share (1 = never; with --cfg).",
+)
 @click.option("--format", "output_format", default="png", show_default=True, help="png, jpeg or webp.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [./outputs].")
 @click.option("--model", help="Hub id, diffusers folder, or 'tiny' [env ZSTUDIO_MODEL].")
@@ -125,6 +139,8 @@ def generate(
     seed,
     num_images,
     max_tokens,
+    cfg_normalization,
+    cfg_truncation,
     output_format,
     out,
     model,
@@ -159,6 +175,8 @@ def generate(
             seed=seed,
             num_images=num_images,
             max_sequence_length=max_tokens,
+            cfg_normalization=cfg_normalization,
+            cfg_truncation=cfg_truncation,
             output_format=output_format,
             **edit_fields,  # from `zstudio edit`
             loras=tuple(_lora_option(text) for text in loras),
@@ -392,6 +410,10 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"steps            {p['num_inference_steps']}")
     click.echo(f"cfg_scale        {p['cfg_scale']}")
     click.echo(f"seed             {p['seed']}")
+    truncated = ", truncated" if meta.get("prompt_truncated") else ""
+    click.echo(f"max_tokens       {p['max_sequence_length']} (the prompt used {meta.get('prompt_tokens')}{truncated})")
+    click.echo(f"cfg norm/trunc   {p['cfg_normalization']} / {p['cfg_truncation']}")
+    click.echo(f"format           {p['output_format']}")
     click.echo(f"model            {meta['model']['name']}")
     click.echo(f"device/dtype     {meta['device']} / {meta['dtype']}")
     click.echo(f"seconds          {meta['seconds']}")
@@ -404,6 +426,7 @@ def show(file: Path, as_json: bool) -> None:
     options = (f"--size {p['width']}x{p['height']} --steps {p['num_inference_steps']} --cfg {p['cfg_scale']} "
                f"--seed {p['seed']}")  # fmt: skip
     options += "".join(f" --lora {json.dumps(x['name'])}:{x['strength']:g}" for x in loras)
+    options += _recipe_options(p)
     options += _show_control(meta)
     if not p.get("image"):
         click.echo(f"remake           zstudio generate {json.dumps(p['prompt'], ensure_ascii=False)} {options}")
@@ -412,7 +435,11 @@ def show(file: Path, as_json: bool) -> None:
     source, mask = recipe.get("source", {}), recipe.get("mask") or {}
     click.echo(f"edit             {recipe.get('mode')}, {meta.get('transformer_evaluations')} transformer evaluations")
     click.echo(f"image            {p['image']}")
-    click.echo(f"image sha256     {source.get('sha256')} ({source.get('width')}x{source.get('height')})")
+    click.echo(f"image sha256     {source.get('sha256')} ({source.get('width')}x{source.get('height')} "
+               f"{source.get('format')})")  # fmt: skip
+    canvas = recipe.get("canvas") or {}
+    click.echo(f"canvas           {canvas.get('width')}x{canvas.get('height')}, {recipe.get('fit')} to "
+               f"{p['width']}x{p['height']}")  # fmt: skip
     if mask:
         click.echo(
             f"mask             {p['mask'] or mask.get('from')}"
@@ -427,6 +454,15 @@ def show(file: Path, as_json: bool) -> None:
     click.echo(f"remake           zstudio edit {json.dumps(p['image'], ensure_ascii=False)} "
                f"{json.dumps(p['prompt'], ensure_ascii=False)} {options} --strength {p['strength']}{extra} "
                f"--mask-blur {p['mask_blur']}")  # fmt: skip
+
+
+def _recipe_options(p: dict[str, Any]) -> str:
+    """The remake's options for the fields that differ from generate's defaults."""
+    defaults = (("negative_prompt", "--negative", ""), ("max_sequence_length", "--max-tokens", 512),
+                ("cfg_normalization", "--cfg-normalization", 0.0), ("cfg_truncation", "--cfg-truncation", 1.0),
+                ("output_format", "--format", "png"))  # fmt: skip
+    return "".join(f" {option} {json.dumps(p[name], ensure_ascii=False)}" for name, option, default in defaults
+                   if name in p and p[name] != default)  # fmt: skip
 
 
 def _show_control(meta: dict) -> str:
@@ -513,9 +549,12 @@ def _show_upscale(meta: dict[str, Any]) -> None:
     model = up["upscaler"]
     click.echo(f"upscaled         {src['width']}x{src['height']} -> {up['width']}x{up['height']} ({up['scale']:g}x)")
     click.echo(f"upscaler         {model['name']} ({model['architecture']}, native scale {model['native_scale']})")
+    if model.get("file"):
+        click.echo(f"upscaler file    {model['file']} sha256 {model['sha256']} ({model['device']}, {model['dtype']})")
     click.echo(f"tile             {up['tile']}")
     click.echo(f"refine           {up['refine']}")
-    click.echo(f"source           {src['file']} sha256 {src['sha256']}")
+    click.echo(f"seconds          {up['seconds']}")
+    click.echo(f"source           {src['file']} sha256 {src['sha256']} ({src.get('format')})")
     if (src.get("metadata") or {}).get("params"):
         p = src["metadata"]["params"]
         click.echo(f"source recipe    {json.dumps(p['prompt'], ensure_ascii=False)} seed {p['seed']}, "

@@ -141,9 +141,9 @@ def _types(folder: Path) -> tuple[str, ...]:
     return UNION_TYPES
 
 
-def load(source: ControlNetSource, transformer: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The ControlNet on `device`, sharing the transformer's embedders and refiners as diffusers' pipeline makes it
-    (`ZImageControlNetModel.from_transformer`)."""
+def load(source: ControlNetSource, dtype: torch.dtype) -> Any:
+    """The ControlNet's own weights in CPU memory; `Generator.install_controlnet` shares the transformer's embedders
+    and refiners with it (`ZImageControlNetModel.from_transformer`) and places it for the memory mode."""
     from diffusers import ZImageControlNetModel
 
     from .models import quiet_loading
@@ -154,8 +154,42 @@ def load(source: ControlNetSource, transformer: Any, device: torch.device, dtype
         else:
             config = str(source.config) if source.config else None
             controlnet = ZImageControlNetModel.from_single_file(str(source.path), config=config, torch_dtype=dtype)
+    return controlnet.eval()
+
+
+# What `ZImageControlNetModel.from_transformer` takes from the transformer instead of owning.
+SHARED_MODULES = ("t_embedder", "all_x_embedder", "cap_embedder", "noise_refiner", "context_refiner")
+SHARED_PARAMETERS = ("x_pad_token", "cap_pad_token")
+
+
+def attach(controlnet: Any, transformer: Any, own_copies: bool = False) -> Any:
+    """Give the ControlNet the transformer's embedders and refiners: shared (diffusers' `from_transformer`, no extra
+    memory), or with `own_copies` its own copies (1.4 GB for Z-Image, in host memory), which the streamed memory
+    modes need: there the transformer's parts move between devices on the transformer's own schedule (group
+    offloading hooks keyed to its forward), so the ControlNet, which runs them first, streams copies on its own.
+    Copies are taken before the transformer is streamed; a ControlNet that has them keeps them."""
+    import copy
+
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    if getattr(controlnet, "_zstudio_own_copies", False):
+        return controlnet
     controlnet = ZImageControlNetModel.from_transformer(controlnet, transformer)
-    return controlnet.to(device).eval()
+    if own_copies:
+        for name in SHARED_MODULES:
+            setattr(controlnet, name, copy.deepcopy(getattr(transformer, name)))
+        for name in SHARED_PARAMETERS:
+            original = getattr(transformer, name)
+            setattr(controlnet, name, torch.nn.Parameter(original.detach().clone(), requires_grad=False))
+        controlnet._zstudio_own_copies = True
+    return controlnet
+
+
+def size_gib(source: ControlNetSource) -> float:
+    """GiB of the ControlNet's own weights as stored (what it adds to a memory mode's estimate)."""
+    files = [source.path] if source.path.is_file() else list(source.path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / 2**30
 
 
 # ------------------------------------------------------------------------------------------- inputs

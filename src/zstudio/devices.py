@@ -52,8 +52,35 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device, or None where torch cannot tell."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return None
+    """Free memory on a CUDA device, or None where torch cannot tell. Under a per-process cap
+    (`torch.cuda.set_per_process_memory_fraction`: how the benchmarks simulate smaller cards) the free part of the cap:
+    what the card reports ignores the cap, and auto would choose for the whole card."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = memory_fraction(device)
+    if fraction < 1.0:
+        free = min(free, int(total * fraction) - torch.cuda.memory_reserved(device))
+    return max(int(free), 0)
+
+
+def memory_fraction(device: torch.device) -> float:
+    """The per-process cap as a fraction of the card (1.0: none). Where torch cannot read it back (releases
+    without `get_per_process_memory_fraction`), only caps set through `cap_memory` are seen."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        return float(getter(device))
+    return _fractions.get(device.index or 0, 1.0)
+
+
+_fractions: dict[int, float] = {}
+
+
+def cap_memory(device: torch.device, gib: float | None) -> None:
+    """Cap this process's GPU memory at `gib` (None: the whole card), as on a smaller card: past the cap an
+    allocation fails with out-of-memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if gib is None else min(gib * 2**30 / total, 1.0)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    _fractions[device.index or 0] = fraction

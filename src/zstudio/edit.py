@@ -22,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from .input_image import INPUT_FORMATS, read_input_image
 from .params import (
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
     from .models import Profile
 
-INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 # diffusers' defaults: ZImageImg2ImgPipeline strength=0.6, ZImageInpaintPipeline strength=1.0.
 IMAGE_TO_IMAGE_STRENGTH = 0.6
 INPAINT_STRENGTH = 1.0
@@ -171,34 +170,10 @@ def validate(
 
 
 def read_image(field: str, path: str | os.PathLike, max_pixels: int, max_bytes: int) -> tuple[Image.Image, dict]:
-    """Decode one input file after checking its byte size, format and pixel count (before decoding the pixels: a
-    small file may claim billions). Returns the image (EXIF orientation applied) and its sha256, size and format."""
-    file = Path(path)
-    if not file.is_file():
-        raise ParamError(field, f"{str(path)!r} is not a file")
-    size = file.stat().st_size
-    if size > max_bytes:
-        raise ParamError(field, f"{file.name} is {size / 2**20:.1f} MiB; at most {max_bytes / 2**20:g} MiB is accepted")
-    data = file.read_bytes()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own limit, as an error
-            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-            pixels = image.width * image.height
-            if pixels > max_pixels:
-                raise ParamError(field, f"{file.name} is {_size(image.size)}, {pixels / 1e6:.1f} megapixels; at most "
-                                        f"{max_pixels / 1e6:g} are accepted")  # fmt: skip
-            image.load()
-            fmt = image.format
-            image = ImageOps.exif_transpose(image)
-    except UnidentifiedImageError:
-        raise ParamError(field, f"{file.name} is not a PNG, JPEG or WebP image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ParamError(field, f"{file.name} claims more pixels than Pillow's decompression-bomb limit") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ParamError(field, f"{file.name} could not be decoded ({err})") from None
-    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": image.size, "format": fmt}
-    return image, info
+    """An edit input (PNG, JPEG or WebP) checked and decoded by `zstudio.input_image`: the image (EXIF orientation
+    applied) and its sha256, size and format."""
+    read = read_input_image(field, path, max_pixels, max_bytes, INPUT_FORMATS)
+    return read.image, read.info
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -288,7 +263,9 @@ def _store_png(image: Image.Image, folder: Path) -> Path:
     image.save(buffer, format="PNG", compress_level=1)
     data = buffer.getvalue()
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
-    if not path.is_file():
+    if path.is_file():
+        os.utime(path)  # used again: a store that collects old files (zstudio.server.inputs) sees it as new
+    else:
         from .outputs import write_file
 
         folder.mkdir(parents=True, exist_ok=True)

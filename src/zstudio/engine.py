@@ -14,14 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from . import __version__, control, edit, lora, models
+from . import __version__, control, edit, lora, models, quantized
 from .devices import dtype_name, free_memory_bytes, pick_device, pick_dtype
 from .memory import (
     EIGHT_BIT,
@@ -31,6 +31,7 @@ from .memory import (
     OutOfMemory,
     apply_memory,
     choose_memory,
+    choose_text,
     free_after_failure,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
@@ -113,6 +114,7 @@ class Generator:
         if memory_note:
             log.log(logging.INFO if self.memory_requested == "auto" else logging.WARNING, memory_note)
         self._match_speed_to_memory()
+        self.text_placement = "resident"  # where the text encoder lives (zstudio.text_placement), set at load
         self.source: models.ModelSource | None = None
         self.pipe = None
         self.token_encoder = None
@@ -153,13 +155,10 @@ class Generator:
 
     def validate_control(self, params: GenerationParams) -> control.ControlInput | None:
         """A request's control image, checked and fitted to its output size before any weights load (the server
-        calls this at submit time too). Control runs on resident, uncompiled weights this round: refused otherwise."""
+        calls this at submit time too)."""
         if params.control is None:
             return None
         controlnet = self.resolve_controlnet()
-        if controlnet is not None and (self.memory != "resident" or self.compiled):
-            raise ParamError("control", f"ControlNet runs in memory mode resident with speed eager or exact for now "
-                                        f"(this engine: {self.memory}, {self.speed})")  # fmt: skip
         sized = self.profile.resolve(params)
         return control.validate(params, controlnet, sized.width, sized.height)
 
@@ -181,18 +180,42 @@ class Generator:
         """`auto` again, now that the model is known: its own weights and its own image size, not Z-Image's."""
         if self.memory_requested != "auto" or self.device.type != "cuda":
             return
-        weights = ModelWeights.from_folder(source.path)
+        weights = self.model_weights(source)
         free = free_memory_bytes(self.device)
         p = source.profile
         self.memory, note = choose_memory("auto", self.device, free, p.width, p.height, weights)
         log.info(note)
         self._match_speed_to_memory()
 
+    def model_weights(self, source: models.ModelSource) -> ModelWeights:
+        """GiB per component as the memory estimate counts them: the model's files, and a configured ControlNet's."""
+        weights = ModelWeights.from_folder(source.path)
+        if self.resolve_controlnet() is not None:
+            weights = replace(weights, controlnet=control.size_gib(self.controlnet_source))
+        return weights
+
     def _match_speed_to_memory(self) -> None:
-        if self.memory in ("8bit", *STREAMED) and self.compiled:
-            log.warning("speed %s does not combine with 8-bit or streamed weights; using exact in memory mode %s",
+        """Compiled speeds run wherever the transformer stays on the GPU (offload-text, 8bit: torchao's 8-bit tensors
+        compile, as `fastest` does); streamed blocks run eager (the offloading hooks break the compiled block's
+        graph). In 8bit the weights already are 8-bit, so `fastest` is `fast` there."""
+        if self.memory in STREAMED and self.compiled:
+            log.warning("speed %s does not combine with streamed weights; using exact in memory mode %s",
                         self.speed, self.memory)  # fmt: skip
             self.speed = "exact"
+        elif self.memory in EIGHT_BIT and self.speed == "fastest":
+            log.info("memory mode %s already holds 8-bit weights: speed fast (compiled) on them", self.memory)
+            self.speed = "fast"
+
+    def _choose_text_placement(self, source: models.ModelSource) -> None:
+        """Where the text encoder goes in this memory mode, by the card's free memory and the host's RAM."""
+        if self.device.type != "cuda" or self.memory == "resident":
+            self.text_placement = "resident"
+            return
+        weights = self.model_weights(source)
+        p = source.profile
+        self.text_placement, note = choose_text(self.memory, self.device, free_memory_bytes(self.device), p.width,
+                                                p.height, weights)  # fmt: skip
+        log.info(note)
 
     def load(self) -> Generator:
         """Load the weights onto the device once; later calls return at once."""
@@ -200,24 +223,55 @@ class Generator:
             if self.pipe is None:
                 source = self.resolve_source()
                 self._choose_memory_for(source)
+                self._choose_text_placement(source)
                 start = time.perf_counter()
                 home = self.device if self.memory == "resident" else torch.device("cpu")
                 pipe = models.load_pipeline(source, home, self.dtype)
-                apply_memory(pipe, self.memory, self.device)
+                controlnet = None
+                if self.resolve_controlnet() is not None:
+                    controlnet = control.load(self.controlnet_source, self.dtype)
+                    # Streamed: the ControlNet's copies of the transformer's parts, taken before its streaming hooks.
+                    controlnet = control.attach(controlnet, pipe.transformer, own_copies=self.memory in STREAMED)
+                apply_memory(pipe, self.memory, self.device, text=self.text_placement)
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
-                if self.resolve_controlnet() is not None:
-                    self.controlnet = control.load(self.controlnet_source, pipe.transformer, self.device, self.dtype)
+                if controlnet is not None:
+                    self.install_controlnet(controlnet)
                 self.load_seconds = time.perf_counter() - start
                 log.info(
-                    "loaded %s on %s (%s, speed %s) in %.1f s",
+                    "loaded %s on %s (%s, speed %s, memory %s, text encoder %s) in %.1f s",
                     source.label,
                     self.device,
                     dtype_name(self.dtype),
                     self.speed,
+                    self.memory,
+                    self.text_placement,
                     self.load_seconds,
                 )
         return self
+
+    def install_controlnet(self, controlnet: Any, source: control.ControlNetSource | None = None) -> None:
+        """Put a loaded `ZImageControlNetModel` beside the transformer: sharing its embedders and refiners (diffusers'
+        `from_transformer`), placed for the memory mode and sped up as the transformer is (`speed_up_controlnet`).
+        `source` names weights that did not come from `--controlnet` (the benchmark's random ones)."""
+        from .speed import speed_up_controlnet
+
+        if source is not None:
+            self.controlnet_source, self.controlnet_spec = source, source.spec
+        self.controlnet = control.attach(controlnet, self.pipe.transformer, own_copies=self.memory in STREAMED)
+        self._place_controlnet()
+        speed_up_controlnet(self.controlnet, self.speed)
+
+    def _place_controlnet(self) -> None:
+        """The ControlNet where its memory mode keeps it: resident in bf16 beside the transformer (resident,
+        offload-text, and 8bit: its hints are added to the transformer's activations, so they stay as trained), or
+        streamed block by block like the transformer (stream, lowest)."""
+        if self.memory in STREAMED and self.device.type == "cuda":
+            from .memory import stream_weights
+
+            stream_weights(self.controlnet, self.device, leaf=self.memory == "lowest", low_ram=self.memory == "lowest")
+        else:
+            self.controlnet.to(self.device)
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] | None = None) -> float:
         """Unsaved generations before the first request, so that no request pays for compiling or allocating.
@@ -237,13 +291,25 @@ class Generator:
                     with torch.inference_mode():  # as in a generation: grad mode is part of the compiled graph's key
                         self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
                 log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)
+        if self.controlnet is not None and self.compiled:
+            runs += control_warmup_runs(runs, self._warmup_control_image(p.width, p.height))
         for i, params in enumerate(runs, 1):
-            log.info("warm-up %d/%d: %dx%d, batch %d%s", i, len(runs), params.width, params.height,
-                     params.num_images, ", guided" if params.cfg_scale else "")  # fmt: skip
+            log.info("warm-up %d/%d: %dx%d, batch %d%s%s", i, len(runs), params.width, params.height,
+                     params.num_images, ", guided" if params.cfg_scale else "",
+                     ", controlled" if params.control else "")  # fmt: skip
             self.generate_images(params)
         seconds = time.perf_counter() - start
         log.info("warmed up (%d runs) in %.1f s", len(runs), seconds)
         return seconds
+
+    def _warmup_control_image(self, width: int, height: int) -> str:
+        """A plain grey control image for the warm-up's controlled runs (what it shows does not matter to the
+        compiler: only shapes do)."""
+        path = self.settings.cache_dir / "inputs" / f"warmup-control-{width}x{height}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (width, height), (128, 128, 128)).save(path)
+        return str(path)
 
     @classmethod
     def from_pipeline(cls, pipe, source: models.ModelSource, speed: str = "eager", **kwargs: Any) -> Generator:
@@ -279,6 +345,7 @@ class Generator:
             "dtype": dtype_name(self.dtype),
             "speed": self.speed,
             "memory_mode": self.memory,
+            "text_encoder": self.text_placement,
             "controlnet": self.controlnet_spec,
             "outputs": str(self.outputs),
         }
@@ -343,9 +410,6 @@ class Generator:
         if source is not None:
             params = source.params
         control_input = self.validate_control(params)
-        if control_input is not None and source is not None and source.mask is not None:
-            raise ParamError("control", "with inpainting (a mask, transparency or an outpaint) is not built yet; "
-                                        "use control with text-to-image or image-to-image")  # fmt: skip
         if control_input is not None:
             params = params.replace(control=str(Path(params.control).resolve()))  # remade from any folder
         self.load()
@@ -396,8 +460,14 @@ class Generator:
             from .speed.compile import drop_graphs, uncompile
 
             uncompile(self.pipe.transformer)  # lower modes run uncompiled
+            if self.controlnet is not None:
+                uncompile(self.controlnet)
             if self.device.type == "cuda":
                 drop_graphs()
+            if self.compiled:  # compiling again inside a recovering request, on a card that just ran out: not now
+                log.warning("after switching to memory mode %s the transformer runs uncompiled (speed exact) until "
+                            "a restart", mode)  # fmt: skip
+                self.speed = "exact"
             self.memory = mode
             self._match_speed_to_memory()
             if getattr(self.pipe.transformer, "_zstudio_8bit", None) and mode not in EIGHT_BIT:
@@ -408,16 +478,42 @@ class Generator:
                 self.pipe.transformer = models.load_transformer(self.resolve_source(), self.dtype)
                 apply_speed(self.pipe, self.speed, graphs="off")
             if mode in EIGHT_BIT and not getattr(self.pipe.transformer, "_zstudio_8bit", None):
+                self.loras.unload(self.pipe)  # quantize the base weights: no LoRA fused in, no PEFT wrappers
                 # Quantize from host memory one layer at a time: quantizing in place on the GPU needs room for
                 # the 8-bit copy of a layer beside all the bf16 weights, which a card that just ran out lacks.
                 self.pipe.transformer.to("cpu")
                 free_after_failure(self.device)
-            apply_memory(self.pipe, mode, self.device)
-            if self.token_encoder is not None and self.token_encoder.graphs:
+            if self.controlnet is not None:  # shared again with a reloaded transformer, or copied before streaming
+                self.controlnet = control.attach(self.controlnet, self.pipe.transformer, own_copies=mode in STREAMED)
+            text_before = self.text_placement
+            self.text_placement = self._text_placement_after_switch(mode)
+            apply_memory(self.pipe, mode, self.device, text=self.text_placement)
+            if self.controlnet is not None:
+                self._place_controlnet()
+            if self.token_encoder is not None and (self.token_encoder.graphs or self.text_placement != text_before):
                 from .speed.text_encoder import TokenEncoder
 
                 self.token_encoder = TokenEncoder(self.pipe.text_encoder)
             free_after_failure(self.device)
+
+    def _text_placement_after_switch(self, mode: str) -> str:
+        """The text encoder in a lower mode: an int8 one stays on the GPU down to 8bit; the streamed modes stream
+        bf16 (reloaded from the model's files: diffusers' streaming is not tested here on torchao tensors)."""
+        from .text_placement import default_placement, load_text_encoder, module_gib
+
+        if self.device.type != "cuda":
+            return "resident"
+        eight_bit = getattr(self.pipe.text_encoder, "_zstudio_8bit", None)
+        if eight_bit and mode not in STREAMED:
+            return "resident-8bit"
+        if eight_bit:
+            log.info("reloading the text encoder's bf16 weights to stream them in memory mode %s", mode)
+            self.pipe.text_encoder = None
+            self._prompt_cache.clear()
+            free_after_failure(self.device)
+            self.pipe.text_encoder = load_text_encoder(self.resolve_source(), self.dtype)
+        pinned_transformer = module_gib(self.pipe.transformer) if mode == "stream" else 0.0  # made after this
+        return default_placement(mode, self.device, module_gib(self.pipe.text_encoder), pinned_transformer)
 
     def _generate_images(self, params: GenerationParams, progress: ProgressCallback | None,
                          source: edit.EditInput | None = None, control_input: control.ControlInput | None = None
@@ -437,9 +533,14 @@ class Generator:
             strength = params.strength if source is not None else 1.0
             timesteps = self.prepare_timesteps(params.num_inference_steps, latents, strength)
             image_start = self.encode_image(source, seeds, timesteps) if source is not None else None
+            control_inpaint = control_input is not None and source is not None and source.mask is not None
+            if control_inpaint:
+                image_start = self.control_inpaint_start(image_start, strength)
             if image_start is not None:
                 latents = image_start.latents  # an edit starts from its noised source, not from pure noise
-            hint = self.encode_control(control_input, params) if control_input is not None else None
+            hint = None
+            if control_input is not None:
+                hint = self.encode_control(control_input, params, source if control_inpaint else None)
             latents = self.denoise(latents, timesteps, cond, uncond, params, progress, image_start, hint)
             self._sync()
             t_denoised = time.perf_counter()
@@ -501,17 +602,12 @@ class Generator:
 
     def apply_loras(self, params: GenerationParams) -> list[lora.ActiveLora]:
         """Bring the transformer to the request's LoRA set (loaded once per file, then switched by strengths; fused
-        into the weights in the compiled modes, so no graph changes). 8-bit weights take none: refused in one line."""
-        eight_bit = getattr(self.pipe.transformer, "_zstudio_8bit", None) or self.speed == "fastest"
-        self.loras.refuse = (
-            f"LoRAs do not combine with 8-bit transformer weights (memory mode {self.memory}, speed {self.speed}); "
-            "use --memory resident or offload-text and --speed fast or exact"
-            if eight_bit
-            else None
-        )
-        if self.loras.fused != self.compiled:
+        into the weights in the compiled modes, so no graph changes, and wherever the weights are 8-bit: fused into
+        each layer's bf16 weights and quantized again, `zstudio.quantized`)."""
+        fused = self.compiled or quantized.layers_of(self.pipe.transformer) is not None
+        if self.loras.fused != fused:
             self.loras.reset(self.pipe)
-            self.loras.fused = self.compiled
+            self.loras.fused = fused
         return self.loras.apply(self.pipe, params.loras)
 
     def encode_prompt(self, text: str, max_sequence_length: int) -> PromptEmbedding:
@@ -589,20 +685,49 @@ class Generator:
         mask = source.latent_mask(noise.shape[-2:]).to(self.device) if source.mask is not None else None
         return ImageStart(latents=latents, noise=noise, image_latents=image_latents, mask=mask)
 
-    def encode_control(self, control_input: control.ControlInput, params: GenerationParams) -> ControlHint:
+    def encode_control(self, control_input: control.ControlInput, params: GenerationParams,
+                       inpaint: edit.EditInput | None = None) -> ControlHint:  # fmt: skip
         """The control image through the VAE once, as diffusers' ZImageControlNetPipeline does: its image processor,
         the latent distribution's mode, shift and scale, then zeros up to the ControlNet's `control_in_dim` (the
-        inpainting channels of Union 2.x, unused without a mask)."""
+        inpainting channels of Union 2.x). With `inpaint` (an edit with a mask) those channels carry what
+        ZImageControlNetInpaintPipeline puts there: the kept area (1 - mask, at the latents' size) and the latents of
+        the picture with the repainted area blacked out."""
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = self.pipe.vae
         pixels = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE).preprocess(control_input.image)
-        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+        latents = self.control_latents(pixels)
         missing = self.controlnet.config.control_in_dim - latents.shape[1]
-        if missing > 0:
+        if inpaint is not None and missing == 1 + latents.shape[1]:
+            keep = 1 - inpaint.latent_mask(latents.shape[-2:]).to(self.device, latents.dtype)
+            binarise = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE // 2, do_normalize=False,
+                                         do_binarize=True, do_convert_grayscale=True)  # fmt: skip
+            mask = binarise.preprocess(inpaint.mask, height=pixels.shape[-2], width=pixels.shape[-1])
+            masked = self.control_latents(inpaint.pixels() * (mask < 0.5))
+            latents = torch.cat([latents, keep.unsqueeze(2), masked], dim=1)
+        elif inpaint is not None:
+            raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
+                                     f"control_in_dim 33); {self.controlnet_spec} has "
+                                     f"{self.controlnet.config.control_in_dim}")  # fmt: skip
+        elif missing > 0:
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
         return ControlHint(latents, params.control_scale, params.control_start, params.control_end)
+
+    def control_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] to the ControlNet's latents: the VAE's mode, shifted and scaled, with a frame axis."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+
+    @staticmethod
+    def control_inpaint_start(image_start: ImageStart, strength: float) -> ImageStart | None:
+        """Inpainting with control follows diffusers' ZImageControlNetInpaintPipeline: the ControlNet gets the mask
+        and the kept picture (`encode_control`), and the latents are not blended with the source between steps. At
+        strength 1 (the inpainting default) denoising starts from pure noise, as that pipeline does; below 1 from the
+        noised source (image-to-image). The kept area is pasted back after decoding (`EditInput.overlay`)."""
+        if strength >= 1.0:
+            return None
+        image_start.mask = None
+        return image_start
 
     def denoise(
         self,
@@ -708,6 +833,7 @@ class Generator:
             "device": str(self.device),
             "speed": self.speed,
             "memory_mode": self.memory,
+            "text_encoder": self.text_placement,  # resident-8bit: int8 embeddings, near but not equal to bf16
             "seconds": timings["total"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -743,6 +869,15 @@ def warmup_runs(sizes: list[tuple[int, int]], default: tuple[int, int]) -> list[
     guided = {**one_step, "cfg_scale": 2.0, "negative_prompt": "a longer negative prompt " * 4}
     runs += [GenerationParams(**guided, width=width, height=height, num_images=n) for n in (1, 2)]
     return runs
+
+
+def control_warmup_runs(runs: list[GenerationParams], image: str) -> list[GenerationParams]:
+    """The warm-up's runs at the default size again with a control image: batch 1 to 4, and guided (the ControlNet's
+    block variants; its shapes are symbolic, so one size covers the others)."""
+    first = runs[0] if len(runs) == 1 else next(r for r in runs if r.num_images > 1)
+    size = {"width": first.width, "height": first.height}
+    same = [r for r in runs if (r.width, r.height) == (size["width"], size["height"])]
+    return [r.replace(control=image) for r in same]
 
 
 _generator: Generator | None = None

@@ -11,9 +11,11 @@ Every converted layer must name a linear layer of the transformer with matching 
 Two ways to apply a set (`LoadedLoras`):
 - adapters (uncompiled modes): each file is loaded once as a PEFT adapter (`load_lora_weights`), a request picks
   its set with `set_adapters(names, strengths)`; no set = `disable_lora()`, the base layers alone;
-- fused (compiled modes): the set's deltas are added into the base weights in place, so the compiled graphs see the
-  same modules and no recompile happens; the original weights are kept (CPU copies of the touched layers) and copied
-  back when the set changes, so removing a set restores the base weights bit for bit.
+- fused (compiled modes, and 8-bit weights in any mode): the set's deltas are added into the base weights in place, so
+  the compiled graphs see the same modules and no recompile happens; the original weights are kept (CPU copies of
+  the touched layers) and copied back when the set changes, so removing a set restores the base weights bit for bit.
+  An 8-bit layer (memory `8bit`, speed `fastest`) is fused into its bf16 weight and quantized again with the mode's
+  own config (`zstudio.quantized`); removing the set re-quantizes the bf16 weight alone: the load-time tensor again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from .models import file_sha256
 from .params import GenerationParams, ParamError
+from .quantized import QuantizedLayers, is_quantized, layers_of, requantize_
 
 log = logging.getLogger(__name__)
 
@@ -350,14 +353,15 @@ class LoadedLoras:
     """The LoRAs loaded into one pipeline's transformer, and the set now applied.
 
     `fused` picks the way (module docstring): False = PEFT adapters and `set_adapters`; True = deltas added into the
-    base weights, originals restored exactly on change (what the compiled modes need: no module changes)."""
+    base weights, originals restored exactly on change (what the compiled modes and 8-bit weights need: no module
+    changes)."""
 
     folder: LoraFolder
     fused: bool = False
-    refuse: str | None = None  # set by the engine in modes that cannot take LoRAs: the one-line reason
     _loaded: OrderedDict[str, _Loaded] = field(default_factory=OrderedDict)  # by file SHA-256
     _applied: tuple[tuple[str, float], ...] = ()  # (sha, strength) now in effect
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)  # fused: module → base weight (CPU copy)
+    _requantized: set[str] = field(default_factory=set)  # fused: 8-bit layers now holding a LoRA
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def apply(self, pipe, requested: Iterable[tuple[str, float]]) -> list[ActiveLora]:
@@ -365,8 +369,6 @@ class LoadedLoras:
         requested = list(requested)
         # Adapters and weight updates are model state: made outside the generation's inference mode.
         with self._lock, torch.inference_mode(False), torch.no_grad():
-            if requested and self.refuse:
-                raise ParamError(FIELD, self.refuse)
             active, wanted = [], {}
             for name, strength in requested:
                 file = self.folder.find(name)
@@ -389,11 +391,19 @@ class LoadedLoras:
                 pipe.delete_adapters([loaded.adapter for loaded in self._loaded.values()])
             self.forget()
 
+    def unload(self, pipe) -> None:
+        """`reset`, and PEFT's wrapper layers taken out of the transformer too: before its layers are quantized."""
+        with self._lock:
+            self.reset(pipe)
+            if any(name.endswith(".base_layer") for name, _ in pipe.transformer.named_modules()):
+                pipe.unload_lora_weights()
+
     def forget(self) -> None:
         """The transformer was replaced (a memory-mode switch reloads it): nothing is loaded into the new one."""
         with self._lock:
             self._loaded.clear()
             self._originals.clear()
+            self._requantized.clear()
             self._applied = ()
 
     # -------------------------------------------------------------------------------- loading
@@ -428,24 +438,45 @@ class LoadedLoras:
     def _fuse(self, pipe, target: tuple[tuple[str, float], ...]) -> None:
         """W = W₀ + Σ strength·B·A for the touched layers, one layer at a time on the weights' device (float32 sums);
         W₀ copied back where no LoRA applies. The originals are kept in pinned host memory on a GPU, so that copying
-        them back runs at the bus's full speed."""
+        them back runs at the bus's full speed. 8-bit layers: the same sum from their bf16 W₀, quantized again."""
         modules = dict(pipe.transformer.named_modules())
+        quantized = layers_of(pipe.transformer)
         wanted: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
         for sha, strength in target:
             for module_name, (a, b) in self._loaded[sha].layers.weights.items():
                 wanted.setdefault(module_name, []).append((strength, a, b))
+        for name in wanted:  # refused before any weight changes
+            if is_quantized(modules[name].weight) and (quantized is None or not quantized.has_base(name)):
+                raise ParamError(FIELD, f"layer {name} holds 8-bit weights whose bf16 originals cannot be had (no "
+                                        "checkpoint file names it); use --memory resident or offload-text")  # fmt: skip
         with torch.no_grad():
             for module_name in list(self._originals):
                 if module_name not in wanted:
                     modules[module_name].weight.copy_(self._originals.pop(module_name), non_blocking=True)
+            for module_name in list(self._requantized):
+                if module_name not in wanted:
+                    self._requantize(quantized, modules[module_name], module_name, [])
             for module_name, parts in wanted.items():
                 weight = modules[module_name].weight
+                if is_quantized(weight):
+                    self._requantize(quantized, modules[module_name], module_name, parts)
+                    continue
                 if module_name not in self._originals:
                     self._originals[module_name] = host_copy(weight)
                 total = self._originals[module_name].to(weight.device, torch.float32, non_blocking=True, copy=True)
                 for strength, a, b in parts:
                     total.addmm_(b.to(weight.device, torch.float32), a.to(weight.device, torch.float32), alpha=strength)
                 weight.copy_(total)
+
+    def _requantize(self, quantized: QuantizedLayers, module: torch.nn.Module, module_name: str,
+                    parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip
+        """An 8-bit layer from its bf16 W₀ (+ the LoRAs' deltas), quantized with the mode's config, written in place."""
+        weight = module.weight
+        total = quantized.base(module_name).to(weight.device, torch.float32, non_blocking=True, copy=True)
+        for strength, a, b in parts:
+            total.addmm_(b.to(weight.device, torch.float32), a.to(weight.device, torch.float32), alpha=strength)
+        requantize_(weight, total, quantized.quantize)
+        (self._requantized.add if parts else self._requantized.discard)(module_name)
 
 
 def host_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -3,20 +3,25 @@
 | mode          | what                                                                               |
 |---------------|------------------------------------------------------------------------------------|
 | resident      | everything on the GPU (fastest)                                                    |
-| offload-text  | text encoder in CPU memory, its layers streamed through the GPU to encode a new    |
-|               | prompt (repeated prompts come from a cache); transformer and VAE resident          |
+| offload-text  | text encoder int8 on the GPU where it fits, else in CPU memory with its layers     |
+|               | streamed through the GPU for a new prompt (zstudio.text_placement; repeated        |
+|               | prompts come from a cache); transformer and VAE resident                           |
 | 8bit          | + the transformer's large linear layers in 8 bits (float8 on GPUs with fp8 tensor  |
 |               | cores, int8 weight-only elsewhere; torchao): half its memory, approximate pixels   |
 | stream        | text encoder as above; the transformer's bf16 blocks streamed from CPU memory one  |
 |               | at a time, transfers overlapped with compute on a CUDA stream (group offloading)   |
 | lowest        | + leaf-level streaming and a tiled, sliced VAE decode                              |
 
+A ControlNet (zstudio.control) is resident in bf16 in the first three modes and streamed like the transformer in the
+last two; the estimate counts its weights (`ModelWeights.controlnet`).
+
 `auto` takes the fastest mode that (a) can run here (8bit needs torchao, an optional extra: `pip install
 'zstudio[fp8]'`) and (b) fits the card's free memory by an estimate built from measured peaks: for each mode the
 peak reserved memory of the full-size model at 512x512 and 1024x1024 (docs/BENCHMARKS.md, "memory modes"), as the
 weights a mode keeps on the GPU plus a fixed part plus activations growing with the pixels. For another model pass
 its `ModelWeights.from_folder(path)` (the weights part then comes from its own files); beyond 1024x1024 the pixel
-term is extrapolated.
+term is extrapolated. Within the chosen mode, `choose_text` places the text encoder (an int8 copy on the GPU where it
+fits beside the mode's estimate; that size is an estimate until measured).
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .params import ParamError, check_choice
+from .text_placement import text_8bit_gib
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ class ModelWeights:
     transformer: float
     text_encoder: float
     vae: float
+    controlnet: float = 0.0  # a configured ControlNet's own weights (zstudio.control.size_gib); 0 without one
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelWeights:
@@ -77,13 +84,14 @@ class ModelWeights:
         return cls(gib("transformer"), gib("text_encoder"), gib("vae"))
 
     def on_gpu(self, mode: str) -> float:
-        """The weights a mode keeps on the GPU between generations."""
+        """The weights a mode keeps on the GPU between generations. A ControlNet stays bf16 beside the transformer
+        except in the streamed modes, where its blocks (the transformer's size) stream too."""
         if mode == "resident":
-            return self.transformer + self.text_encoder + self.vae
+            return self.transformer + self.text_encoder + self.vae + self.controlnet
         if mode == "offload-text":
-            return self.transformer + self.vae
+            return self.transformer + self.vae + self.controlnet
         if mode in EIGHT_BIT:
-            return self.transformer / 2 + self.vae
+            return self.transformer / 2 + self.vae + self.controlnet
         return 0.0  # streamed: one block at a time, in the fixed part
 
 
@@ -106,12 +114,36 @@ class OutOfMemory(RuntimeError):
     """A generation ran out of GPU memory; the message names the next mode that would fit."""
 
 
-def needed_gb(mode: str, width: int = 1024, height: int = 1024, weights: ModelWeights = Z_IMAGE) -> float:
-    """Estimated peak GiB for one image of `width` x `height` in `mode`, for a model with `weights`."""
+def needed_gb(mode: str, width: int = 1024, height: int = 1024, weights: ModelWeights = Z_IMAGE,
+              text_8bit: bool = False) -> float:  # fmt: skip
+    """Estimated peak GiB for one image of `width` x `height` in `mode`, for a model with `weights`; with
+    `text_8bit`, plus the text encoder kept on the GPU in int8 (an estimate until measured: zstudio.text_placement)."""
     (small, large), (mp_small, mp_large) = MEASURED_PEAK_GIB[mode], MEASURED_MP
     per_mp = (large - small) / (mp_large - mp_small)  # activations: mostly the VAE decode
     fixed = small - per_mp * mp_small - Z_IMAGE.on_gpu(mode)
-    return weights.on_gpu(mode) + fixed + per_mp * width * height / 1e6 + HEADROOM_GIB
+    text = text_8bit_gib(weights.text_encoder) if text_8bit and mode != "resident" else 0.0
+    return weights.on_gpu(mode) + fixed + per_mp * width * height / 1e6 + HEADROOM_GIB + text
+
+
+def choose_text(mode: str, device: torch.device, free_bytes: int | None, width: int = 1024, height: int = 1024,
+                weights: ModelWeights = Z_IMAGE) -> tuple[str, str]:  # fmt: skip
+    """(placement, reason) for the text encoder in `mode` (zstudio.text_placement): int8 on the GPU where it fits
+    beside the mode's estimate for this size, else streamed (pinned where host RAM allows)."""
+    from .text_placement import choose_text_placement, host_available_bytes, int8_available
+
+    return choose_text_placement(mode, device, free_bytes, needed_gb(mode, width, height, weights),
+                                 weights.text_encoder, host_available_bytes(), int8_available(),
+                                 host_needed_gb(mode, weights))  # fmt: skip
+
+
+def host_needed_gb(mode: str, weights: ModelWeights = Z_IMAGE) -> float:
+    """Host RAM a mode takes before any pinned text-encoder copy, as an upper bound: the bf16 weights as loaded (the
+    low modes load into host memory; measured peaks were lower, 13.4-23.5 GB for 20.5 GB of files, docs/BENCHMARKS.md
+    "Loading") plus stream's pinned copy of the transformer (and of a ControlNet)."""
+    if mode == "resident":
+        return 0.0
+    loaded = weights.transformer + weights.text_encoder + weights.vae + weights.controlnet
+    return loaded + (weights.transformer + weights.controlnet if mode == "stream" else 0.0)
 
 
 def choose_memory(requested: str, device: torch.device, free_bytes: int | None, width: int = 1024,
@@ -142,10 +174,11 @@ def choose_memory(requested: str, device: torch.device, free_bytes: int | None, 
 
 def quantize_8bit(transformer, device: torch.device) -> str:
     """8-bit weights for the large linears, quantized on the GPU one layer at a time (no full bf16 copy there)."""
+    from .quantized import quantize_layers
     from .speed.fp8 import float8_config, fp8_supported, large_linear_filter
 
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig
     except ImportError:
         raise RuntimeError("8-bit memory modes need torchao: pip install 'zstudio[fp8]' (or torchao)") from None
     if getattr(transformer, "_zstudio_8bit", None):
@@ -154,14 +187,19 @@ def quantize_8bit(transformer, device: torch.device) -> str:
         kind, config = "float8", float8_config()
     else:
         kind, config = "int8 weight-only", Int8WeightOnlyConfig(set_inductor_config=False)
-    quantize_(transformer, config, filter_fn=large_linear_filter, device=device)
+    quantize_layers(transformer, config, large_linear_filter, device)  # records what LoRAs need to re-quantize
     transformer._zstudio_8bit = kind
     log.info("transformer linears quantized to %s", kind)
     return kind
 
 
-def apply_memory(pipe, mode: str, device: torch.device) -> None:
-    """Place the components for `mode`; the pipeline may start anywhere (loading puts it in CPU memory)."""
+def apply_memory(pipe, mode: str, device: torch.device, text: str | None = None) -> None:
+    """Place the components for `mode`; the pipeline may start anywhere (loading puts it in CPU memory).
+
+    `text` is the text encoder's placement (zstudio.text_placement, from `choose_text`); None: resident in mode
+    resident, else streamed (pinned where host RAM allows)."""
+    from .text_placement import default_placement, module_gib, place_text_encoder
+
     pipe.vae.to(device)
     if device.type != "cuda":
         pipe.text_encoder.to(device)
@@ -169,9 +207,9 @@ def apply_memory(pipe, mode: str, device: torch.device) -> None:
         return
     if mode == "resident":
         pipe.text_encoder.to(device)
-    else:  # it runs once per new prompt: stream its layers through the GPU instead of moving 8 GB in and out
-        # No pinned copy: it runs once per new prompt, and the copy would cost 8 GB of host RAM.
-        stream_weights(pipe.text_encoder, device, leaf=False, low_ram=True)
+    else:  # it runs once per new prompt: int8 on the GPU, or its layers streamed, never 8 GB moved in and out
+        place_text_encoder(pipe.text_encoder, text or default_placement(mode, device, module_gib(pipe.text_encoder)),
+                           device)  # fmt: skip
     if mode in EIGHT_BIT:
         quantize_8bit(pipe.transformer, device)
     if mode not in STREAMED:

@@ -43,6 +43,11 @@ def a1111_text(meta: dict[str, Any]) -> str:
     prompt = " ".join([p["prompt"], *(f"<lora:{x['name']}:{x['strength']:g}>" for x in loras)])
     if loras:  # A1111's field: the first 10 hex characters of each file's SHA-256
         fields["Lora hashes"] = '"' + ", ".join(f"{x['name']}: {x['sha256'][:10]}" for x in loras) + '"'
+    if meta.get("control"):  # as the sd-webui-controlnet extension writes its unit
+        c = meta["control"]
+        unit = (f'Module: {c.get("preprocessor", "none")}, Model: {c["controlnet"]}, Weight: {c["scale"]:g}, '
+                f'Guidance Start: {c["start"]:g}, Guidance End: {c["end"]:g}')  # fmt: skip
+        fields["ControlNet 0"] = f'"{unit}"'
     line = ", ".join(f"{k}: {v}" for k, v in fields.items())
     return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n{line}"
 

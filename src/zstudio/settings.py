@@ -16,6 +16,8 @@
 | ZSTUDIO_UPSCALERS | upscaler model files or folders of them, separated by `:` (`;` on Windows) | none (Lanczos) |
 | ZSTUDIO_LORAS     | the LoRA folder (`*.safetensors`, see zstudio.lora)            | ./loras                     |
 | ZSTUDIO_CONTROLNET | ControlNet: hub id, folder or .safetensors (zstudio.control)  | none                        |
+| ZSTUDIO_UPLOAD_TTL | hours an upload that no history entry or job names is kept    | 24                          |
+| ZSTUDIO_UPLOAD_MAX_MB | the uploads folder's cap (oldest unnamed uploads go first) | 2048                        |
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Settings:
     upscalers: tuple[str, ...] = ()
     loras: Path = Path("loras")
     controlnet: str | None = None
+    upload_ttl_hours: float = 24.0
+    upload_max_mb: float = 2048.0
 
 
 def load_settings() -> Settings:
@@ -68,6 +72,8 @@ def load_settings() -> Settings:
         upscalers=tuple(p for p in (os.environ.get("ZSTUDIO_UPSCALERS") or "").split(os.pathsep) if p),
         loras=Path(os.environ.get("ZSTUDIO_LORAS") or "loras"),
         controlnet=os.environ.get("ZSTUDIO_CONTROLNET") or None,
+        upload_ttl_hours=_positive_number("ZSTUDIO_UPLOAD_TTL", 24.0),
+        upload_max_mb=_positive_number("ZSTUDIO_UPLOAD_MAX_MB", 2048.0),
     )
 
 

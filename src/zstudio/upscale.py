@@ -9,7 +9,7 @@ and size, upscaler, architecture, scale, tile, refine strength, the source's own
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -31,6 +31,7 @@ from PIL import Image
 
 from . import __version__
 from .devices import dtype_name
+from .input_image import read_input_image
 from .models import file_sha256
 from .outputs import EXTENSIONS, encode_image, read_metadata, write_file
 from .params import GenerationParams, ParamError
@@ -49,9 +50,12 @@ DEFAULT_TILE = 512  # input pixels per tile side: a 4x RRDBNet (64 features) til
 # Input pixels of context around each tile, computed and cropped away. Exact (tiled == untiled) once it covers the
 # network's receptive field; released 23-block ESRGANs reach further in theory, but their weights fade within ~16 px.
 DEFAULT_MARGIN = 32
-# The fields of a draft's recipe that a re-render at the larger size keeps.
-RECIPE_FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "cfg_scale", "seed", "max_sequence_length",
-                 "cfg_normalization", "cfg_truncation")  # fmt: skip
+# The fields of a draft's recipe that a re-render at the larger size sets itself: it is image-to-image of the whole
+# upscaled draft (so no mask, outpaint or ControlNet: the draft already holds what they made), one image, at its own
+# size and strength. Every other field (prompt, negative prompt, steps, CFG and its normalization and truncation,
+# seed, max_sequence_length, LoRAs, output format) is the draft's.
+RERENDER_SETS = ("image", "mask", "strength", "outpaint", "mask_blur", "width", "height", "num_images", "control",
+                 "control_type", "control_preprocess", "control_scale", "control_start", "control_end")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -346,38 +350,16 @@ def check_refine(refine: Any) -> float | None:
 
 
 def open_source(path: str | os.PathLike, scale: float, limits: UpscaleLimits = UpscaleLimits()) -> SourceImage:
-    """Read and check an input before any model work: a file, of a supported format, not a decompression bomb, whose
-    result stays within `limits`."""
+    """Read and check an input before any model work (`zstudio.input_image`: a file within the byte and pixel caps,
+    of a supported format, not a decompression bomb) whose result stays within `limits`."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamError("image", f"{path} is not a file")
-    size = path.stat().st_size
-    if size > limits.max_input_bytes:
-        raise ParamError("image", f"{path} is {size / 2**20:.0f} MiB; at most {limits.max_input_bytes / 2**20:.0f} "
-                                  "MiB are read")  # fmt: skip
-    data = path.read_bytes()
+    read = read_input_image("image", path, limits.max_input_pixels, limits.max_input_bytes, INPUT_FORMATS, "RGB")
+    check_output_size(*read.image.size, scale, limits)
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ParamError("image", f"{path}: refused as a decompression bomb ({err})") from None
-    except (OSError, ValueError):
-        raise ParamError("image", f"{path} is not an image Pillow can read") from None
-    if image.format not in INPUT_FORMATS:
-        raise ParamError("image", f"{path} is {image.format}; supported are {', '.join(INPUT_FORMATS)}")
-    width, height = image.size
-    if width * height > limits.max_input_pixels:
-        raise ParamError("image", f"{path} is {width}x{height} ({width * height / 1e6:.1f} MP); at most "
-                                  f"{limits.max_input_pixels / 1e6:.1f} MP are upscaled")  # fmt: skip
-    check_output_size(width, height, scale, limits)
-    try:
-        image.load()
-    except (OSError, ValueError) as err:
-        raise ParamError("image", f"{path} is damaged: {err}") from None
-    try:
-        metadata = read_metadata(io.BytesIO(data))
+        metadata = read_metadata(io.BytesIO(read.data))
     except (ValueError, OSError):
         metadata = None
-    return SourceImage(image.convert("RGB"), path, hashlib.sha256(data).hexdigest(), image.format, metadata)
+    return SourceImage(read.image, path, read.sha256, read.format, metadata)
 
 
 def check_output_size(width: int, height: int, scale: float, limits: UpscaleLimits) -> None:
@@ -448,10 +430,17 @@ def refine_request(source: SourceImage, upscaled_file: Path, size: tuple[int, in
     if "params" not in meta:
         raise ParamError("refine", f"{source.path} carries no zstudio recipe (prompt, seed, ...) to re-render with; "
                                    "upscale it without --refine")  # fmt: skip
-    draft = {k: meta["params"][k] for k in RECIPE_FIELDS if k in meta["params"]}
+    draft = rerender_fields(meta["params"])
     width, height = size
     return GenerationParams.from_dict({**draft, "width": width, "height": height, "num_images": 1,
                                        "image": str(upscaled_file), "strength": refine})  # fmt: skip
+
+
+def rerender_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """A draft's recorded parameters less those a re-render sets (`RERENDER_SETS`) and any this version does not
+    know (a file from another version)."""
+    known = {f.name for f in dataclasses.fields(GenerationParams)} - set(RERENDER_SETS)
+    return {k: v for k, v in params.items() if k in known}
 
 
 def refine_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -470,7 +459,8 @@ def hires_fix(generator: Generator, source: SourceImage, upscaler: Upscaler, sca
     with tempfile.TemporaryDirectory(prefix="zstudio-hires-") as folder:
         draft_file = Path(folder) / "upscaled.png"
         upscaled.save(draft_file)
-        params = refine_request(source, draft_file, size, refine)
+        # The result is written as a PNG (save_result), whatever format the draft was saved in.
+        params = refine_request(source, draft_file, size, refine).replace(output_format="png")
         result = generator.generate_images(params)
     seconds = round(time.perf_counter() - start, 4)
     meta = {**result.metadata[0], **recipe(source, upscaler, scale, tile, refine, size, seconds)}

@@ -27,6 +27,15 @@ VAE = dict(
     use_quant_conv=False, use_post_quant_conv=False,
 )  # fmt: skip
 
+# alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union-2.1 in diffusers' ZImageControlNetModel layout (VideoX-Fun's
+# config/z_image/z_image_control_2.1.yaml: control blocks beside every second transformer layer, a control noise
+# refiner, 33 input channels; diffusers' single-file loader tells 2.x apart by `control_layers.14.*`).
+CONTROLNET = dict(
+    control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1], control_in_dim=33,
+    add_control_noise_refiner="control_noise_refiner", all_patch_size=(2,), all_f_patch_size=(1,), dim=3840,
+    n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+)  # fmt: skip
+
 
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
@@ -55,6 +64,17 @@ def build_transformer(device: torch.device, dtype: torch.dtype, generator: torch
         transformer = ZImageTransformer2DModel(**TRANSFORMER)
         randomize_(transformer, generator)
     return transformer.eval()
+
+
+def build_controlnet(device: torch.device, dtype: torch.dtype, generator: torch.Generator, **config):
+    """The full-size Union 2.x ControlNet's own blocks (`CONTROLNET`, or `config`), random weights on `device`; it
+    takes the transformer's embedders and refiners when installed (`Generator.install_controlnet`)."""
+    from diffusers import ZImageControlNetModel
+
+    with torch.device(device), _default_dtype(dtype):
+        controlnet = ZImageControlNetModel(**(config or CONTROLNET))
+        randomize_(controlnet, generator)
+    return controlnet.eval()
 
 
 def build_full_pipeline(device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):

@@ -81,8 +81,9 @@ def training_data(source: str, target: str, seed: int, keep: str | None = None, 
 def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed: int = 0, steps: int = 200,
                batch: int = 16, lr: float = 3e-3, targets: str | list[str] = TARGETS, blocks: list[str] | None = None,
                keep: str | None = None, rank: int = RANK, over: tuple[str, str, str | Path] | None = None,
-               ) -> Path:  # fmt: skip
-    """Train on the embedded demo model and write the LoRA to `out` (diffusers/PEFT layout)."""
+               device: str = "cpu") -> Path:  # fmt: skip
+    """Train on the embedded demo model and write the LoRA to `out` (diffusers/PEFT layout). Draws stay on the CPU
+    generator whatever the `device`, so a GPU run sees the batches a CPU run sees."""
     from diffusers import ZImagePipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -95,7 +96,8 @@ def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed:
     started = time.perf_counter()
     torch.manual_seed(seed)
     source_model = demo_source()
-    pipe = load_pipeline(source_model, torch.device("cpu"), torch.float32)
+    dev = torch.device(device)
+    pipe = load_pipeline(source_model, dev, torch.float32)
     side = source_model.profile.width
     keep = over[0] if over else keep
     drawn, captions, plain = training_data(source, target, seed, keep, over[1] if over else None)
@@ -133,8 +135,8 @@ def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed:
         if over is not None:
             transformer.set_adapters(["over", "this"] if both else ["this"], [1.0, 1.0] if both else [1.0])
         x0 = (latents if both or over is None else alone)[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(batch, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        sigma = sample_sigmas(batch, gen).to(dev)
         pred = batched_forward(transformer, noisy_latents(x0, noise, sigma), model_time(sigma),
                               features[idx, :length], lengths[idx])  # fmt: skip
         loss = F.mse_loss(pred, velocity_target(x0, noise))
@@ -144,7 +146,7 @@ def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed:
         if step % 25 == 0:
             log.info("lora step %d loss %.4f", step, loss.item())
     trained = get_peft_model_state_dict(transformer, adapter_name="this")
-    layers = {k: v.detach().contiguous() for k, v in trained.items()}
+    layers = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     ZImagePipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name)
@@ -194,12 +196,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="train to stack on that LoRA: every other step with it applied, its colour drawn as it "
                         "draws it (implies --keep SOURCE)")  # fmt: skip
     parser.add_argument("--blocks", help="comma-separated transformer blocks to adapt (layers.0,...); default all")
+    parser.add_argument("--device", default="cpu", help="where to train (cuda: seconds instead of minutes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     over = tuple(args.over.split(":", 2)) if args.over else None
     blocks = args.blocks.split(",") if args.blocks else None
     print(
-        train_lora(args.out, args.source, args.target, args.seed, args.steps, blocks=blocks, keep=args.keep, over=over)
+        train_lora(
+            args.out,
+            args.source,
+            args.target,
+            args.seed,
+            args.steps,
+            blocks=blocks,
+            keep=args.keep,
+            over=over,
+            device=args.device,
+        )  # fmt: skip
     )
 
 

@@ -382,12 +382,15 @@ def train(
     workers: int = 1,
     lr: float = 8e-4,
     warmup: int = 200,
+    init: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Train and write each candidate's checkpoint to `out`/<name> (built aside, renamed into place).
 
     `time_budget` (seconds, for the whole run) gives the VAE `vae_share` of what is left after the data is ready, and
     the candidates equal shares of the rest, keeping back time to save. `pictures` caps each kind of training
-    picture (for quick tries); `sizes` maps candidate names to sizes (default `CANDIDATES`)."""
+    picture (for quick tries); `sizes` maps candidate names to sizes (default `CANDIDATES`). `init` continues from a
+    checkpoint this function wrote (a second phase, for runs longer than one sitting): its VAE, text encoder and
+    transformer weights are loaded, the VAE is not trained again, and `candidates` must name its one candidate."""
     from diffusers import ZImagePipeline
 
     sizes = sizes or CANDIDATES
@@ -412,10 +415,16 @@ def train(
     )
 
     torch.manual_seed(seed)
-    shared = build_components(seed, sizes[candidates[0]])  # the VAE, text encoder and tokenizer all candidates share
-    pipe = ZImagePipeline(**shared).to(dev)
-    vae_seconds = None if deadline is None else vae_share * (deadline - time.perf_counter())
-    vae_stats = train_vae(pipe.vae, images, vae_steps, vae_batch, seed, seconds=vae_seconds)
+    previous: dict | None = None
+    if init is None:
+        shared = build_components(seed, sizes[candidates[0]])  # the VAE, text encoder, tokenizer candidates share
+        pipe = ZImagePipeline(**shared).to(dev)
+        vae_seconds = None if deadline is None else vae_share * (deadline - time.perf_counter())
+        vae_stats = train_vae(pipe.vae, images, vae_steps, vae_batch, seed, seconds=vae_seconds)
+    else:
+        pipe, previous = load_phase(Path(init), candidates, seed)
+        pipe.to(dev)
+        vae_stats = {k: v for k, v in previous["training"].items() if k.startswith("vae_") or k.endswith("_factor")}
     latents = scaled_latents(pipe.vae, images)
     check = random.Random(seed).sample(range(len(scenes)), min(200, len(scenes)))
     vae_stats["reconstruction"] = reconstruction_accuracy(pipe, latents[check], [scenes[i] for i in check])
@@ -439,7 +448,7 @@ def train(
             if seconds < 1:
                 raise RuntimeError(f"no time left for candidate {name}; raise --time-budget")
         torch.manual_seed(seed + 10 + k)
-        transformer = build_transformer(sizes[name]).to(dev)
+        transformer = (pipe.transformer if previous else build_transformer(sizes[name])).to(dev)
         log.info(
             "candidate %s: %.1fM transformer parameters, %s s",
             name,
@@ -487,11 +496,29 @@ def train(
                 "threads": torch.get_num_threads(),
                 **record,
                 **vae_stats,
+                **({"init": str(init), "previous_phase": previous["training"]} if previous else {}),
             },
         }
         written.append(save(pipe, ema, folder, info))
     log.info("wrote %s in %.0f s", ", ".join(str(f) for f in written), time.perf_counter() - started)
     return written
+
+
+def load_phase(folder: Path, candidates: tuple[str, ...], seed: int):
+    """A checkpoint `train` wrote, in float32, to go on training: (pipeline, its zstudio.json)."""
+    from diffusers import ZImagePipeline
+
+    from ..models import quiet_loading
+
+    info = json.loads((folder / "zstudio.json").read_text())
+    name = info["training"]["candidate"]
+    if tuple(candidates) != (name,):
+        raise ValueError(f"--init {folder} holds candidate {name}; pass --candidates {name}")
+    if info.get("seed") != seed:
+        raise ValueError(f"--init {folder} was trained with --seed {info.get('seed')}; pass the same seed")
+    with quiet_loading():
+        pipe = ZImagePipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    return pipe, info
 
 
 def save(pipe, transformer, folder: Path, info: dict) -> Path:
@@ -541,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 autocast, compiled blocks")
     parser.add_argument("--no-compile", action="store_true", help="run the transformer blocks eagerly")
+    parser.add_argument("--init", help="a checkpoint folder this trainer wrote: go on training its transformer")
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -566,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         lr=args.lr,
         warmup=args.warmup,
+        init=args.init,
     )
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..control import CANNY_THRESHOLDS
 from ..params import MAX_CFG, MAX_IMAGES, MAX_SEED, MAX_STEPS, GenerationParams, ParamError
 from ..upscale import LANCZOS
 from .api import SafeJSONResponse, Studio, error_response, submit_or_refuse, unavailable_response, wait_finished
@@ -98,7 +99,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: float | None = Field(None, description="0-1; default 0.6, 1.0 with a mask.",
                                              **documented(minimum=0, maximum=1))  # fmt: skip
     mask_blur: int | None = Field(None, description="Soft edge in pixels (default 4).")
-    inpainting_mask_invert: int = Field(0, description="1: black = repaint.")
+    inpainting_mask_invert: int = Field(0, description="0: white = repaint; 1: black = repaint.")
 
 
 class ExtraSingleImageRequest(BaseModel):
@@ -217,15 +218,16 @@ def ignored_fields(body: Txt2ImgRequest, options: dict[str, Any]) -> list[str]:
     if extra.get("script_name"):
         ignored.append(f"script_name: scripts are not available ({extra['script_name']!r})")
     scripts = extra.get("alwayson_scripts")
-    if scripts:
-        names = ", ".join(map(str, scripts)) if isinstance(scripts, dict) else "given"
+    others = [n for n in scripts if str(n).lower() != CONTROLNET_SCRIPT] if isinstance(scripts, dict) else scripts
+    if others:
+        names = ", ".join(map(str, others)) if isinstance(others, list) else "given"
         ignored.append(f"alwayson_scripts: extensions are not available ({names})")
+    ignored += controlnet_ignored(body)
     ignored += [f"{key}: not a field of this API" for key in extra if key not in KNOWN_FIELDS | IMG2IMG_FIELDS]
     if isinstance(body, Img2ImgRequest):
         if len(body.init_images) > 1:
             ignored.append(f"init_images: {len(body.init_images)} given; only the first is used")
-        if body.inpainting_mask_invert:
-            ignored.append("inpainting_mask_invert: not implemented (white = repaint)")
+        ignored += inpaint_ignored(body)
     return ignored
 
 
@@ -252,23 +254,158 @@ def generation_params(body: Txt2ImgRequest, studio: Studio | None = None) -> Gen
         "num_images": count,
     }
     try:
+        control = controlnet_fields(body, studio)  # alwayson_scripts.controlnet (the sd-webui-controlnet extension)
         if not isinstance(body, Img2ImgRequest):
-            return GenerationParams(**fields)
+            return studio.edit_params({**fields, **control}) if control else GenerationParams(**fields)
         assert studio is not None
         if not body.init_images:
             raise ParamError("init_images", "give one base64 image")
         fields["image"] = studio.inputs.store_base64("init_images", body.init_images[0])
+        fields.update(control)
         if body.mask:
-            fields["mask"] = studio.inputs.store_base64("mask", body.mask)
+            fields["mask"] = inpaint_mask(studio, body)
         fields["strength"] = body.denoising_strength
         if body.mask_blur is not None:
             fields["mask_blur"] = body.mask_blur
         return studio.edit_params(fields)
     except ParamError as err:
-        if err.field not in A1111_FIELDS:
+        names = {**A1111_FIELDS, **CONTROLNET_FIELDS}
+        if err.field not in names:
             raise
         reason = str(err)[len(err.field) + 2 :]
-        raise ParamError(A1111_FIELDS[err.field], reason) from None
+        raise ParamError(names[err.field], reason) from None
+
+
+# ------------------------------------------------------------------ ControlNet (the sd-webui-controlnet extension)
+# Its request field: alwayson_scripts: {"controlnet": {"args": [unit, ...]}}, one unit per ControlNet. The loaded
+# ControlNet (--controlnet) takes the one enabled unit, whatever its `model` names (a Union model reads the kind of
+# control from the image). A unit maps onto the control fields: image (or input_image, or img2img's init image when
+# absent) -> control, module -> control_type and control_preprocess, weight -> control_scale, guidance_start/end ->
+# control_start/end. What would change the picture in the WebUI and does not here is reported in `info.ignored`.
+CONTROLNET_SCRIPT = "controlnet"
+UNIT = "alwayson_scripts.controlnet.args"
+CONTROLNET_FIELDS = {"control": f"{UNIT}.image", "control_type": f"{UNIT}.module",
+                     "control_preprocess": f"{UNIT}.module", "control_scale": f"{UNIT}.weight",
+                     "control_start": f"{UNIT}.guidance_start", "control_end": f"{UNIT}.guidance_end"}  # fmt: skip
+# The extension's preprocessor ("module") names, by the control type they make; "none" passes the image as given.
+MODULE_PREFIXES = {"canny": "canny", "depth": "depth", "openpose": "pose", "dw_openpose": "pose",
+                   "softedge": "hed", "hed": "hed", "mlsd": "mlsd", "lineart": "lineart", "scribble": "scribble",
+                   "tile": "tile"}  # fmt: skip
+CROP_AND_RESIZE = ("Crop and Resize", 1)  # the extension's resize_mode that is our size rule (zstudio.control)
+BALANCED = ("Balanced", 0)
+
+
+def controlnet_unit(body: Txt2ImgRequest) -> dict[str, Any] | None:
+    """The request's one enabled ControlNet unit, or None; more than one is refused (one ControlNet is loaded)."""
+    scripts = (body.model_extra or {}).get("alwayson_scripts")
+    if not isinstance(scripts, dict):
+        return None
+    script = next((v for k, v in scripts.items() if str(k).lower() == CONTROLNET_SCRIPT), None)
+    args = script.get("args") if isinstance(script, dict) else script
+    if not args:
+        return None
+    if not isinstance(args, list) or not all(isinstance(unit, dict) for unit in args):
+        raise ParamError(UNIT, "must be a list of ControlNet units (objects)")
+    units = [unit for unit in args if unit.get("enabled", True)]
+    if len(units) > 1:
+        raise ParamError(UNIT, f"{len(units)} units are enabled; this server runs one ControlNet unit at a time")
+    return units[0] if units else None
+
+
+def control_type_of(unit: dict[str, Any]) -> tuple[str, bool]:
+    """(control_type, preprocess) from a unit's `module` (and, for module none, a type named in its `model`)."""
+    module = str(unit.get("module") or "none").lower()
+    if module == "none":
+        model = str(unit.get("model") or "").lower()
+        named = [kind for prefix, kind in MODULE_PREFIXES.items() if prefix in model]
+        return (named[0] if named else "none"), False
+    for prefix, kind in MODULE_PREFIXES.items():
+        if module.startswith(prefix):
+            return kind, True
+    known = ", ".join(["none", *MODULE_PREFIXES])
+    raise ParamError(f"{UNIT}.module", f"{module!r} is not a preprocessor this server knows ({known})")
+
+
+def controlnet_fields(body: Txt2ImgRequest, studio: Studio | None) -> dict[str, Any]:
+    """The control fields of the one parameters type from the enabled unit; {} without one."""
+    unit = controlnet_unit(body)
+    if unit is None:
+        return {}
+    assert studio is not None
+    image = unit.get("image") or unit.get("input_image")
+    if isinstance(image, dict):  # the extension's newer {"image": ..., "mask": ...}
+        image = image.get("image")
+    if not image and isinstance(body, Img2ImgRequest) and body.init_images:
+        image = body.init_images[0]  # as the extension does: the img2img source is the control picture
+    if not image:
+        raise ParamError(f"{UNIT}.image", "give the control picture as base64 (image or input_image)")
+    kind, preprocess = control_type_of(unit)
+    fields: dict[str, Any] = {
+        "control": studio.inputs.store_base64(f"{UNIT}.image", image),
+        "control_type": kind,
+        "control_preprocess": preprocess,
+    }
+    for ours, theirs in (("control_scale", "weight"), ("control_start", "guidance_start"),
+                         ("control_end", "guidance_end")):  # fmt: skip
+        if unit.get(theirs) is not None:
+            fields[ours] = unit[theirs]
+    return fields
+
+
+def controlnet_ignored(body: Txt2ImgRequest) -> list[str]:
+    """'field: why' for the enabled unit's settings that would change the picture in the WebUI and do not here."""
+    try:
+        unit = controlnet_unit(body)
+    except ParamError:
+        return []  # refused when the parameters are made
+    if unit is None:
+        return []
+    ignored = []
+    module = str(unit.get("module") or "none").lower()
+    thresholds = (unit.get("threshold_a"), unit.get("threshold_b"))
+    if module.startswith("canny") and thresholds != (None, None) and thresholds != (100, 200):
+        low, high = CANNY_THRESHOLDS
+        ignored.append(f"{UNIT}.threshold_a: Canny's thresholds are {low} and {high} here")
+    if module != "none" and unit.get("processor_res") not in (None, -1) and not unit.get("pixel_perfect"):
+        ignored.append(f"{UNIT}.processor_res: preprocessing runs at the output size (as pixel_perfect)")
+    if unit.get("resize_mode") not in (None, *CROP_AND_RESIZE):
+        ignored.append(f"{UNIT}.resize_mode: the control image is scaled to cover the size and centre-cropped "
+                       "(Crop and Resize)")  # fmt: skip
+    if unit.get("control_mode") not in (None, *BALANCED):
+        ignored.append(f"{UNIT}.control_mode: only Balanced")
+    if unit.get("mask") or (isinstance(unit.get("image"), dict) and unit["image"].get("mask")):
+        ignored.append(f"{UNIT}.mask: a unit's own mask is not used (img2img's mask is)")
+    return ignored
+
+
+# ------------------------------------------------------------------------------------- img2img's inpaint fields
+def inpaint_mask(studio: Studio, body: Img2ImgRequest) -> str:
+    """The request's mask kept as an upload, white = repaint: inverted first with `inpainting_mask_invert` 1 (the
+    WebUI's "inpaint not masked": black = repaint)."""
+    if body.inpainting_mask_invert not in (0, 1):
+        raise ParamError("inpainting_mask_invert", f"{body.inpainting_mask_invert!r} is not 0 (white = repaint) or 1 "
+                                                   "(black = repaint)")  # fmt: skip
+    name = studio.inputs.store_base64("mask", body.mask)
+    return studio.inputs.inverted_mask("mask", name) if body.inpainting_mask_invert else name
+
+
+def inpaint_ignored(body: Img2ImgRequest) -> list[str]:
+    """The WebUI's inpaint settings that would change the picture and are not implemented: a fill other than
+    "original" (the masked area starts from the noised source; it matters only below strength 1, where the start
+    is not pure noise) and "only masked" (`inpaint_full_res`: here the whole picture is drawn at the output size).
+    Both change nothing without a mask, as in the WebUI."""
+    if not body.mask:
+        return []
+    extra, ignored = body.model_extra or {}, []
+    fill = extra.get("inpainting_fill")
+    strength = 1.0 if body.denoising_strength is None else body.denoising_strength
+    if fill not in (None, 1) and strength < 1:
+        ignored.append(f"inpainting_fill: {fill!r} is not implemented; the masked area starts from the noised source "
+                       "(1, 'original')")  # fmt: skip
+    if extra.get("inpaint_full_res"):
+        ignored.append("inpaint_full_res: 'only masked' is not implemented; the whole picture is drawn at the output "
+                       "size")  # fmt: skip
+    return ignored
 
 
 def running_job(queue: JobQueue) -> Job | None:

@@ -35,7 +35,7 @@ from ..devices import free_memory_bytes
 from ..params import MAX_INPUT_BYTES, GenerationParams, ParamError, printable, resolve_size
 from ..upscale import LANCZOS, UpscaleResult, find_upscalers
 from .history import PAGE_BYTES
-from .inputs import IMAGE_NAME, InputStore, shown_name
+from .inputs import DEFAULT_MAX_AGE_S, DEFAULT_MAX_TOTAL_BYTES, IMAGE_NAME, InputStore, shown_name
 from .jobs import Job, JobQueue, QueueFull, Unavailable, describe
 from .metrics import metrics_registry, metrics_text
 from .protocol import (
@@ -80,15 +80,30 @@ class Studio:
     folders where the web UI keeps copies of images (so deleting an entry deletes those too)."""
 
     def __init__(self, queue: JobQueue, outputs: Path, inputs: Path | None = None,
-                 max_input_bytes: int = MAX_INPUT_BYTES, upscalers: tuple[str, ...] = ()):  # fmt: skip
+                 max_input_bytes: int = MAX_INPUT_BYTES, upscalers: tuple[str, ...] = (),
+                 upload_max_age_s: float = DEFAULT_MAX_AGE_S, upload_max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+                 ):  # fmt: skip
         self.queue = queue
         self.outputs = outputs.resolve()
         # Uploaded pictures; beside the history database when served (create_app), so queued edits survive restarts.
-        self.inputs = InputStore(self.outputs, inputs if inputs is not None else outputs / ".inputs", max_input_bytes)
+        # Those that no history entry or job names are collected (InputStore.collect).
+        self.inputs = InputStore(self.outputs, inputs if inputs is not None else outputs / ".inputs", max_input_bytes,
+                                 references=self.named_files, max_age_s=upload_max_age_s,
+                                 max_total_bytes=upload_max_total_bytes)  # fmt: skip
         self.upscalers = upscalers  # files and folders that upscaler names come from, besides ZSTUDIO_UPSCALERS
         self.cache_dirs: list[Path] = []
         self.blocks = None  # the web UI (gradio.Blocks), when mounted
         self.metrics = metrics_registry(queue)
+
+    def named_files(self) -> set[str]:
+        """The file names that history entries (generations' image/mask/control, upscales' source) and the queue's
+        jobs name: the input store never deletes these."""
+        names: set[str] = set()
+        for params in self.queue.history.all_params():
+            names |= file_names(params)
+        for job in list(self.queue.jobs.values()):
+            names |= file_names(job.params.to_dict())
+        return names
 
     def edit_params(self, fields: dict[str, Any]) -> GenerationParams:
         """The parameters of a request whose `image`/`mask` are names: resolved to this server's files and checked
@@ -163,6 +178,14 @@ class Studio:
                             copy.unlink(missing_ok=True)
             self.queue.jobs.pop(job_id, None)
         return record
+
+
+def file_names(value: Any) -> set[str]:
+    """Every text in a recorded parameters value (nested too) as a file name: what it may name in the inputs."""
+    if isinstance(value, str):
+        return {Path(value).name}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return set().union(*(file_names(v) for v in items))
 
 
 def upscale_record(recipe: dict[str, Any], shown: str) -> dict[str, Any]:

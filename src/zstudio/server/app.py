@@ -61,13 +61,17 @@ def create_app(
     keep_finished_s: float = DEFAULT_KEEP_FINISHED_S,
     max_input_bytes: int = MAX_INPUT_BYTES,
     upscalers: tuple[str, ...] = (),
+    upload_ttl_hours: float | None = None,
+    upload_max_mb: float | None = None,
     runner: Runner | None = None,
 ) -> FastAPI:
     """The whole server as one ASGI app. `state` holds the history database and uploaded pictures (default: a
     folder per outputs folder under ZSTUDIO_STATE); `hosts` the Host names it answers to (default: loopback names
     only); `max_input_bytes` caps each uploaded picture; `upscalers` are model files or folders that upscale
-    requests may name (besides ZSTUDIO_UPSCALERS); `runner` generates the jobs (default: `generator` itself; with
-    `zstudio.server.replicas.RayRunner`, Ray Serve replicas while `generator` only validates and saves)."""
+    requests may name (besides ZSTUDIO_UPSCALERS); `upload_ttl_hours` and `upload_max_mb` bound the uploads that no
+    history entry or job names (default: ZSTUDIO_UPLOAD_TTL, ZSTUDIO_UPLOAD_MAX_MB; see `server.inputs`); `runner`
+    generates the jobs (default: `generator` itself; with `zstudio.server.replicas.RayRunner`, Ray Serve replicas
+    while `generator` only validates and saves)."""
     check_token(token)
     outputs = Path(outputs) if outputs is not None else generator.outputs
     generator.outputs = outputs
@@ -79,12 +83,16 @@ def create_app(
                      max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
     generator.named_input_folders |= {outputs.resolve(), (state / "inputs").resolve()}
     generator.loras.folder.folder_only = True  # clients name LoRAs of the folder, not server files or hub repos
-    studio = Studio(queue, outputs, inputs=state / "inputs", max_input_bytes=max_input_bytes, upscalers=upscalers)
+    ttl = upload_ttl_hours if upload_ttl_hours is not None else generator.settings.upload_ttl_hours
+    cap = upload_max_mb if upload_max_mb is not None else generator.settings.upload_max_mb
+    studio = Studio(queue, outputs, inputs=state / "inputs", max_input_bytes=max_input_bytes, upscalers=upscalers,
+                    upload_max_age_s=ttl * 3600, upload_max_total_bytes=int(cap * 2**20))  # fmt: skip
     mcp_server = build_mcp_server(LocalStudio(studio))
     mcp_route = http_route(mcp_server)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        studio.inputs.collect()  # at start; then after uploads (InputStore.collect_due)
         queue.start()
         try:
             async with mcp_server.session_manager.run():  # MCP sessions end before the queue stops

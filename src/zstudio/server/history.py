@@ -120,6 +120,12 @@ class History:
                 records.append(_record(row))
         return records
 
+    def all_params(self) -> list[dict[str, Any]]:
+        """Every entry's parameters (what the input store must keep: the files they name)."""
+        with self._lock:
+            rows = self._db.execute("SELECT params FROM jobs").fetchall()
+        return [json.loads(text) for (text,) in rows]
+
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]

@@ -135,10 +135,54 @@ TEXTS: dict[str, tuple[str, str]] = {
         "**放大 {scale:g}x**，来源 `{source}` · {upscaler} · 精修 {refine} · {width}x{height} · {seconds:.2f} 秒  \n"
         "{prompt}",
     ),
+    # The history's line on an edit or an upscale's source, from the result file's recipe (what `zstudio show` says).
+    "edit_record": (
+        "**{mode}** of `{image}` ({size}, {format}, sha256 `{sha256}`) · strength {strength} · "
+        "{fit} to {width}x{height}",
+        "**{mode}**，来源 `{image}`（{size}，{format}，sha256 `{sha256}`）· 重绘强度 {strength} · "
+        "{fit}至 {width}x{height}",
+    ),
+    "edit_mask_file": (
+        " · mask `{mask}` (sha256 `{sha256}`) · mask blur {blur} px",
+        " · 蒙版 `{mask}`（sha256 `{sha256}`）· 蒙版模糊 {blur} 像素",
+    ),  # fmt: skip
+    "edit_mask_alpha": (
+        " · mask: the image's transparent pixels · mask blur {blur} px",
+        " · 蒙版：图片的透明像素 · 蒙版模糊 {blur} 像素",
+    ),  # fmt: skip
+    "edit_mask_outpaint": (" · mask blur {blur} px", " · 蒙版模糊 {blur} 像素"),
+    "edit_outpaint": (" · outpaint {sides}", " · 外扩 {sides}"),
+    "mode_image-to-image": ("Image to image", "图生图"),
+    "mode_inpaint": ("Inpaint", "局部重绘"),
+    "mode_outpaint": ("Outpaint", "外扩"),
+    "fit_crop": ("centre-cropped", "居中裁剪"),
+    "fit_scale and crop": ("scaled and centre-cropped", "缩放并居中裁剪"),
+    "upscale_source": (
+        "source {width}x{height}, sha256 `{sha256}` · upscaler {upscaler} ({architecture}, native scale {native})",
+        "来源 {width}x{height}，sha256 `{sha256}` · 放大器 {upscaler}（{architecture}，原生倍率 {native}）",
+    ),
     "source_gone": (
         "The source {source} is no longer here: the Upscale tab has the settings; add the picture.",
         "来源 {source} 已不在：放大页已填入设置，请添加图片。",
     ),
+    # The ControlNet panel of the Generate tab (zstudio.control).
+    "controlnet": ("ControlNet", "ControlNet 控制"),
+    "no_controlnet": (
+        "No ControlNet is loaded: start the studio with `--controlnet SPEC` (or ZSTUDIO_CONTROLNET) to use one.",
+        "未加载 ControlNet：启动时加 `--controlnet SPEC`（或设置 ZSTUDIO_CONTROLNET）即可使用。",
+    ),
+    "control_image": ("Control picture", "控制图"),
+    "control_type": ("Control type", "控制类型"),
+    "control_type_info": (
+        "canny: the picture's edges (OpenCV, thresholds 100/200); none: the picture is already a control map",
+        "canny：提取图片边缘（OpenCV，阈值 100/200）；none：图片本身已是控制图",
+    ),
+    "control_scale": ("Control strength", "控制强度"),
+    "control_start": ("Control from (share of the steps)", "控制起点（步数比例）"),
+    "control_end": ("Control until", "控制终点"),
+    "preview_control": ("Preview control image", "预览控制图"),
+    "control_preview": ("Control image as the model sees it", "模型看到的控制图"),
+    "no_control_image": ("Add a control picture first.", "请先添加控制图。"),
     # Before an error the engine or the queue wrote (in English, naming the field and the value).
     "invalid": ("Invalid input: {error}", "输入有误：{error}"),
     "busy": ("The queue is full: {error}", "队列已满：{error}"),

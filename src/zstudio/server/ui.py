@@ -9,9 +9,7 @@ history's selected entry, can be sent to the edit tabs; "Use these settings" on 
 
 from __future__ import annotations
 
-import hashlib
 import random
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,14 +152,7 @@ def inputs_folder(studio: Studio) -> Path:
 def keep_file(studio: Studio, path: str) -> str:
     """A byte-for-byte copy of an uploaded or sent file in the inputs folder, named by its SHA-256: Gradio's cache
     copies can be deleted, and the copy keeps the recipe's hash equal to the file's (and a sent result's recipe)."""
-    data = Path(path).read_bytes()
-    folder = inputs_folder(studio)
-    kept = folder / f"{hashlib.sha256(data).hexdigest()}{Path(path).suffix.lower()}"
-    if not kept.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, kept.with_suffix(".part"))
-        kept.with_suffix(".part").replace(kept)
-    return str(kept)
+    return studio.inputs.keep_copy(path)
 
 
 def painted_mask(layers: list[Image.Image] | None) -> Image.Image | None:
@@ -248,16 +239,54 @@ def history_caption(record: dict[str, Any], lang: str) -> str:
     return f"{p['prompt'][:60]} · {record['status']}"
 
 
-def record_text(record: dict[str, Any], lang: str) -> str:
-    """The selected history entry, described: a generation's recipe, or what an upscale enlarged and how."""
+def record_text(record: dict[str, Any], lang: str, recipe: dict[str, Any] | None = None) -> str:
+    """The selected history entry, described: a generation's recipe, or what an upscale enlarged and how; with
+    `recipe` (its first file's record), also an edit's or an upscale's source (size, SHA-256), mask and settings."""
     p, seconds = record["params"], record["seconds"] or 0
     if is_upscale(record):
-        return text(lang, "upscale_record", scale=p["scale"], source=p["source"], upscaler=p["upscaler"],
+        line = text(lang, "upscale_record", scale=p["scale"], source=p["source"], upscaler=p["upscaler"],
                     refine=p["refine"] or 0, width=p["width"], height=p["height"], seconds=seconds,
                     prompt=p["prompt"])  # fmt: skip
-    return text(lang, "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—", width=p["width"],
+        return line + (f"  \n{upscale_text(recipe, lang)}" if recipe and "upscale" in recipe else "")
+    line = text(lang, "record", prompt=p["prompt"], negative=p["negative_prompt"] or "—", width=p["width"],
                 height=p["height"], steps=p["num_inference_steps"], cfg=p["cfg_scale"], seeds=record["seeds"],
                 seconds=seconds)  # fmt: skip
+    return line + (f"  \n{edit_text(recipe, lang)}" if recipe and recipe.get("edit") else "")
+
+
+def edit_text(recipe: dict[str, Any], lang: str) -> str:
+    """An edited picture's recipe in one line: mode, source (name, size, format, SHA-256), strength, how it was fitted,
+    the mask (name and SHA-256, or where it came from), its blur and any outpaint."""
+    p, done = recipe["params"], recipe["edit"]
+    source, mask = done["source"], done.get("mask") or {}
+    line = text(lang, "edit_record", mode=text(lang, f"mode_{done['mode']}"), image=Path(p["image"]).name,
+                size=f"{source['width']}x{source['height']}", format=source["format"], sha256=source["sha256"],
+                strength=done["strength"], fit=text(lang, f"fit_{done['fit']}"), width=p["width"],
+                height=p["height"])  # fmt: skip
+    if mask.get("from") == "file":
+        line += text(lang, "edit_mask_file", mask=Path(p["mask"] or "").name, sha256=mask.get("sha256"),
+                     blur=done["mask_blur"])  # fmt: skip
+    elif mask:
+        line += text(lang, f"edit_mask_{mask['from']}", blur=done["mask_blur"])
+    if done.get("outpaint"):
+        line += text(lang, "edit_outpaint", sides=", ".join(f"{side} {px}" for side, px in done["outpaint"].items()))
+    return line
+
+
+def upscale_text(recipe: dict[str, Any], lang: str) -> str:
+    """An upscale's source (size, SHA-256) and upscaler (architecture, native scale) from its file's recipe."""
+    source, model = recipe["source"], recipe["upscale"]["upscaler"]
+    return text(lang, "upscale_source", width=source["width"], height=source["height"], sha256=source["sha256"],
+                upscaler=model["name"], architecture=model["architecture"],
+                native=f"{model['native_scale']}x" if model["native_scale"] else "—")  # fmt: skip
+
+
+def file_recipe(path: Path) -> dict[str, Any] | None:
+    """A file's zstudio record, or None (gone, or made by another tool)."""
+    try:
+        return read_metadata(path)
+    except (ValueError, OSError):
+        return None
 
 
 def upscale_settings(studio: Studio, record: dict[str, Any], lang: str) -> tuple[Any, Any, Any, Any]:
@@ -298,6 +327,42 @@ def hires_request(path: str, side: int = HIRES_SIDE, strength: float = HIRES_STR
     width, height = source.image.size
     size = upscale.refine_size(width, height, side / max(width, height))
     return upscale.refine_request(source, source.path, size, strength)
+
+
+# A recipe's fields the edit tabs have no control for: sending a result to a tab (or re-rendering it) keeps them in
+# the tab's state, so the job it runs has the source's full recipe; a new upload clears them.
+HIDDEN_FIELDS = ("max_sequence_length", "output_format", "cfg_normalization", "cfg_truncation")
+
+
+def hidden_fields(params: dict[str, Any] | GenerationParams | None) -> dict[str, Any]:
+    """The fields of a recipe that no control of the edit tabs shows, and all its LoRAs when they are more than the
+    LoRA rows hold."""
+    if isinstance(params, GenerationParams):
+        params = params.to_dict()
+    if not params:
+        return {}
+    hidden = {name: params[name] for name in HIDDEN_FIELDS if name in params}
+    if len(params.get("loras") or ()) > LORA_ROWS:
+        hidden["loras"] = lora_pairs(_flat_loras(params["loras"]))
+    return hidden
+
+
+def _flat_loras(loras: Iterable[Any]) -> list[Any]:
+    values: list[Any] = []
+    for item in loras:
+        values += [item["name"], item["strength"]] if isinstance(item, dict) else list(item)
+    return values
+
+
+def with_hidden(fields: dict[str, Any], hidden: dict[str, Any] | None) -> dict[str, Any]:
+    """A tab's fields with the sent recipe's hidden ones; its LoRAs past the rows only while the rows still show its
+    first ones (rows the user changed win)."""
+    hidden = dict(hidden or {})
+    loras = hidden.pop("loras", None)
+    fields = {**fields, **hidden}
+    if loras and tuple(fields.get("loras", ())) == tuple(loras[:LORA_ROWS]):
+        fields["loras"] = loras
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------------- the page
@@ -436,6 +501,78 @@ def result_panel(profile: Profile, prefix: str, progress_id: str, gallery_id: st
     return ResultPanel(progress, gallery, files, chosen, sends)
 
 
+# ------------------------------------------------------------------------ the ControlNet panel (zstudio.control)
+CONTROL_CHOICES = ("canny", "none")  # a picture to find edges in, or a ready control map
+
+
+@dataclass
+class ControlPanel:
+    """The Generate tab's ControlNet accordion; `controls` are the handler's inputs, in order."""
+
+    image: gr.Image
+    kind: gr.Dropdown
+    scale: gr.Slider
+    start: gr.Slider
+    end: gr.Slider
+    preview_button: gr.Button
+    preview: gr.Image
+
+    @property
+    def controls(self) -> list[gr.components.Component]:
+        return [self.image, self.kind, self.scale, self.start, self.end]
+
+
+def control_panel(loaded: bool) -> ControlPanel:
+    """The accordion: without a loaded ControlNet only a one-line note says how to start with one."""
+    from ..params import DEFAULT_CONTROL_SCALE
+
+    with gr.Accordion(I18N("controlnet"), open=False, elem_id="controlnet"):
+        gr.Markdown(I18N("no_controlnet"), visible=not loaded, elem_id="controlnet-note")
+        with gr.Row(visible=loaded):
+            image = gr.Image(type="filepath", label=I18N("control_image"), sources=["upload", "clipboard"],
+                             elem_id="control-image")  # fmt: skip
+            preview = gr.Image(label=I18N("control_preview"), interactive=False, elem_id="control-preview")
+        with gr.Row(visible=loaded):
+            kind = gr.Dropdown(list(CONTROL_CHOICES), value="canny", label=I18N("control_type"),
+                               info=I18N("control_type_info"), elem_id="control-type")  # fmt: skip
+            scale = gr.Slider(0, 2, value=DEFAULT_CONTROL_SCALE, step=0.05, label=I18N("control_scale"),
+                              elem_id="control-scale")  # fmt: skip
+        with gr.Row(visible=loaded):
+            start = gr.Slider(0, 1, value=0, step=0.05, label=I18N("control_start"), elem_id="control-start")
+            end = gr.Slider(0, 1, value=1, step=0.05, label=I18N("control_end"), elem_id="control-end")
+        preview_button = gr.Button(I18N("preview_control"), size="sm", visible=loaded, elem_id="control-preview-btn")
+    return ControlPanel(image, kind, scale, start, end, preview_button, preview)
+
+
+def control_fields(studio: Studio, image: str | None, kind: str, scale: float, start: float, end: float
+                   ) -> dict[str, Any]:  # fmt: skip
+    """The panel's values as the control fields of `GenerationParams`; {} without a picture. The picture is kept
+    in the inputs folder (Gradio's cache copy can go), so the recipe can be made again."""
+    if not image:
+        return {}
+    return {"control": keep_file(studio, image), "control_type": kind, "control_preprocess": kind != "none",
+            "control_scale": float(scale), "control_start": float(start), "control_end": float(end)}  # fmt: skip
+
+
+def checked_control(studio: Studio, params: GenerationParams) -> GenerationParams:
+    """Refuse a bad control request (no ControlNet, unreadable picture) before it is queued."""
+    studio.queue.generator.validate_control(params)
+    return params
+
+
+def control_preview(studio: Studio, lang: str, image: str | None, kind: str, width: float, height: float
+                    ) -> Image.Image:  # fmt: skip
+    """The control image the model will get at this size: fitted (cover, centre-crop) and preprocessed."""
+    if not image:
+        raise gr.Error(text(lang, "no_control_image"))
+    params = GenerationParams(prompt="preview", width=int(width), height=int(height),
+                              **control_fields(studio, image, kind, 0.75, 0.0, 1.0))  # fmt: skip
+    try:
+        return studio.queue.generator.validate_control(params).image
+    except ParamError as err:
+        raise gr.Error(error_message(lang, err)) from None
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     queue = studio.queue
     generator = queue.generator
@@ -464,6 +601,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
                         recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
+                        control = control_panel(generator.controlnet_spec is not None)
                         run_btn, cancel_btn = run_buttons("generate", "generate")
                     with gr.Column(scale=3):
                         panel = result_panel(profile, "generate-", "zstudio-progress", "result")
@@ -471,6 +609,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=2):
                         i2i_image = source_image("img2img-")
+                        i2i_hidden = gr.State({})  # a sent recipe's fields without a control (HIDDEN_FIELDS)
                         i2i_prompt, i2i_negative = prompt_controls("img2img-")
                         i2i_strength = gr.Slider(0, 1, value=edit.IMAGE_TO_IMAGE_STRENGTH, step=0.05,
                                                  label=I18N("strength"), info=I18N("strength_info"),
@@ -492,6 +631,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             transforms=(),  # cropping would make the mask and the picture differ
                             elem_id="inpaint-editor",
                         )
+                        inp_hidden = gr.State({})
                         inp_prompt, inp_negative = prompt_controls("inpaint-")
                         with gr.Row():
                             outpaint = [gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SIDE, step=16,
@@ -544,37 +684,47 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         # The handlers take the request first and the LoRA rows last (`*loras`: Gradio fills positional arguments
         # only, and injects a `gr.Request` only before any `*args`).
-        def generate(request: gr.Request, p, neg, n_steps, g, s, n, w, h, *loras):
+        def generate(request: gr.Request, p, neg, n_steps, g, s, n, w, h, c_image, c_kind, c_scale, c_start, c_end,
+                     *loras):  # fmt: skip
             fields = {**recipe_fields(p, neg, n_steps, g, s, n), "width": int(w), "height": int(h)}
             fields["loras"] = lora_pairs(loras)
-            yield from run_job(studio, language(request), lambda: GenerationParams(**fields))
+            fields.update(control_fields(studio, c_image, c_kind, c_scale, c_start, c_end))
+            yield from run_job(studio, language(request), lambda: checked_control(studio, GenerationParams(**fields)))
 
-        run_btn.click(generate, [*recipe.controls, width, height, *recipe.loras], follows(panel))
+        run_btn.click(generate, [*recipe.controls, width, height, *control.controls, *recipe.loras], follows(panel))
 
-        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, *loras):
+        def preview_control(request: gr.Request, c_image, c_kind, w, h):
+            return control_preview(studio, language(request), c_image, c_kind, w, h)
+
+        control.preview_button.click(preview_control, [control.image, control.kind, width, height], control.preview)
+
+        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, hidden, *loras):
             lang = language(request)
             if not image:
                 raise gr.Error(text(lang, "no_image"))
-            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
+            fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
             make = lambda: edit_request(studio, fields, image, None, strength, w, h)  # noqa: E731
             yield from run_job(studio, lang, make, "img2img-progress")
 
-        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, *i2i.loras]
+        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, i2i_hidden, *i2i.loras]
         i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def inpaint(request: gr.Request, p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top,
-                    bottom, *loras):  # fmt: skip
+                    bottom, hidden, *loras):  # fmt: skip
             lang = language(request)
             if not value or value.get("background") is None:
                 raise gr.Error(text(lang, "no_image"))
             extend = dict(zip(OUTPAINT_SIDES, (left, right, top, bottom)))
             if painted_mask(value.get("layers")) is None and not any(extend.values()):
                 raise gr.Error(text(lang, "paint_mask"))
-            fields = {**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}
+            fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
             make = lambda: inpaint_request(studio, fields, value, strength, w, h, extend, blur)  # noqa: E731
             yield from run_job(studio, lang, make, "inpaint-progress")
 
-        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, *inp.loras]
+        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, inp_hidden,
+                      *inp.loras]  # fmt: skip
+        i2i_image.upload(dict, None, i2i_hidden)  # a new picture: no sent recipe's hidden fields
+        editor.upload(dict, None, inp_hidden)
         inp_run.click(inpaint, inp_inputs, follows(inp_panel))
 
         def run_upscale(path, scale, model, refine, request: gr.Request):
@@ -606,12 +756,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def to_img2img(path, request: gr.Request):
             path = source(path, request)
-            return [path, *recipe_updates(path), gr.Tabs(selected="img2img")]
+            return [path, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="img2img")]
 
         def to_inpaint(path, request: gr.Request):
             path = source(path, request)
             value = {"background": path, "layers": [], "composite": path}
-            return [value, *recipe_updates(path), gr.Tabs(selected="inpaint")]
+            return [value, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="inpaint")]
 
         def to_upscale(path, request: gr.Request):
             return source(path, request), 2.0, gr.Tabs(selected="upscale")
@@ -623,21 +773,22 @@ def build_ui(studio: Studio) -> gr.Blocks:
             except ParamError as err:
                 raise gr.Error(error_message(language(request), err)) from None
             recipe_values = [p.prompt, p.negative_prompt, p.num_inference_steps, p.cfg_scale, p.seed, 1]
-            loras = lora_rows((recipe_of(path) or {}).get("loras"))  # the draft's LoRAs, re-rendered with it
-            return [path, *recipe_values, p.width, p.height, p.strength, *loras, gr.Tabs(selected="img2img")]
+            hidden = hidden_fields(p)  # the rest of the draft's recipe, which no control shows
+            return [path, *recipe_values, p.width, p.height, p.strength, *lora_rows(p.loras), hidden,
+                    gr.Tabs(selected="img2img")]  # fmt: skip
 
         i2i_recipe, inp_recipe = [*i2i.controls[:5], *i2i.loras], [*inp.controls[:5], *inp.loras]
         senders = [(r.chosen, r.sends) for r in (panel, i2i_panel, inp_panel, up_panel)]
         for chosen, sends in [*senders, (history_chosen, history_sends)]:
-            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, tabs])
-            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, tabs])
+            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, i2i_hidden, tabs])
+            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, inp_hidden, tabs])
             sends.upscale2.click(to_upscale, chosen, [up_image, up_scale, tabs]).success(
                 run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs
             )
             sends.rerender.click(
                 to_rerender,
                 chosen,
-                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, tabs],
+                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, i2i_hidden, tabs],
             ).success(image_to_image, i2i_inputs, follows(i2i_panel))
 
         def load_history(page_number, request: gr.Request):
@@ -666,7 +817,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def select(records, evt: gr.SelectData, request: gr.Request):
             record = records[evt.index]
-            return record, record_text(record, language(request)), str(studio.outputs / record["outputs"][0])
+            file = studio.outputs / record["outputs"][0]
+            return record, record_text(record, language(request), file_recipe(file)), str(file)
 
         history_gallery.select(select, history_records, [selected, history_info, history_chosen])
         generate_controls = [*recipe.controls, width, height, *recipe.loras]

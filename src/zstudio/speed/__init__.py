@@ -86,3 +86,19 @@ def speed_up_transformer(transformer, mode: str, whole: bool = False, graphs: bo
             compile_transformer(transformer, graphs=graphs)
         else:
             compile_blocks(transformer)
+
+
+def speed_up_controlnet(controlnet, mode: str) -> None:
+    """The ControlNet's part of a mode, as the transformer's: the same attention processor (it shares the
+    transformer's rotary embedder, real-valued in the fast modes, which diffusers' processor cannot take) and, in the
+    fast modes, its own blocks compiled with dynamic shapes. Its weights stay bf16 in `fastest` (no fp8): its hints
+    are added to the transformer's activations, and a bf16 ControlNet keeps them as trained."""
+    if mode == "eager":
+        return
+    from .attention import use_fast_attention
+
+    use_fast_attention(controlnet, real_rope=mode in ("fast", "fastest"))
+    if mode in ("fast", "fastest"):
+        from .compile import compile_control_blocks
+
+        compile_control_blocks(controlnet)

@@ -111,11 +111,12 @@ class FastZImageAttnProcessor:
 
 def use_fast_attention(transformer, real_rope: bool = True) -> None:
     """Swap in the backend-preferring processor on every attention layer, and the real-valued RoPE if asked."""
+    from diffusers.models.controlnets.controlnet_z_image import ZSingleStreamAttnProcessor as ControlProcessor
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
     if real_rope and not isinstance(transformer.rope_embedder, RealRopeEmbedder):
         transformer.rope_embedder = RealRopeEmbedder(transformer.rope_embedder)
     processor = FastZImageAttnProcessor()
-    for module in transformer.modules():
-        if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
+    for module in transformer.modules():  # the ControlNet's blocks carry diffusers' copy of the processor class
+        if isinstance(getattr(module, "processor", None), (ZSingleStreamAttnProcessor, ControlProcessor)):
             module.processor = processor

@@ -14,10 +14,15 @@ traces, and loads the compiled kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
+
+# The compiler backend of every graph compiled here; tests swap in "eager" (dynamo's tracing, guards and recompiles
+# exactly as with inductor, without generating kernels, which takes minutes on a CPU).
+BACKEND = "inductor"
 
 
 def use_persistent_cache(folder: Path) -> None:
@@ -34,14 +39,48 @@ def _allow_variants() -> None:
 def compile_blocks(transformer) -> None:
     """Regional compilation with symbolic shapes: one block's graph, reused by every block and every request size."""
     _allow_variants()
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=BACKEND)
 
 
 def compile_transformer(transformer, graphs: bool = False) -> None:
     """The whole model as one graph, replayed as CUDA graphs (ZSTUDIO_CUDA_GRAPHS=all, opt-in): each new batch size
     or padding case compiles again, so the warm-up covers the offered shapes."""
     _allow_variants()
-    transformer.compile(mode="reduce-overhead" if graphs else None)
+    transformer.compile(mode="reduce-overhead" if graphs else None, backend=BACKEND)
+
+
+def compile_control_blocks(controlnet) -> None:
+    """The ControlNet's own blocks compiled like the transformer's (symbolic shapes, one graph serving every block).
+
+    A control block is a transformer block between two steps that depend on its position: it unbinds the hints the
+    blocks before it stacked, and stacks one more. Compiled whole, each position is a graph of its own (dynamo guards
+    on the stack's length): 17 for Union 2.x, per batch and guidance case, minutes of warm-up each. So only the
+    middle is compiled (exactly diffusers' `ZImageTransformerBlock.forward`, the control block as `self`), and the
+    unbinding and stacking, which only move memory, run as they are (`control_block_forward`). The refiners the
+    ControlNet shares with the transformer are compiled with it."""
+    from diffusers.models.controlnets.controlnet_z_image import ZImageControlTransformerBlock
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    _allow_variants()
+    core = torch.compile(ZImageTransformerBlock.forward, fullgraph=True, dynamic=True, backend=BACKEND)
+    for block in controlnet.modules():
+        if isinstance(block, ZImageControlTransformerBlock):
+            block.forward = functools.partial(control_block_forward, block, core)
+            block._zstudio_compiled_core = True
+
+
+def control_block_forward(block, core, c: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor,
+                          freqs_cis: torch.Tensor, adaln_input: torch.Tensor | None = None
+                          ) -> torch.Tensor:  # fmt: skip
+    """diffusers' `ZImageControlTransformerBlock.forward` (0.42), its middle run by `core` (tests compare the two)."""
+    if block.block_id == 0:
+        c = block.before_proj(c) + x
+        hints = []
+    else:
+        hints = list(torch.unbind(c))
+        c = hints.pop(-1)
+    c = core(block, c, attn_mask, freqs_cis, adaln_input)
+    return torch.stack([*hints, block.after_proj(c), c])
 
 
 def drop_graphs() -> None:
@@ -54,13 +93,15 @@ def drop_graphs() -> None:
 
 
 def uncompile(transformer) -> None:
-    """Undo `compile_blocks` and `compile_transformer` (lower memory modes run eager)."""
+    """Undo `compile_blocks`, `compile_transformer` and `compile_control_blocks` (lower memory modes run eager)."""
     transformer._compiled_call_impl = None
     for block in transformer.modules():
         if block is not transformer and getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
+        if vars(block).pop("_zstudio_compiled_core", False):  # a control block's compiled middle (not a hook's)
+            del block.forward
 
 
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile(dynamic=True)
+    vae.decoder.compile(dynamic=True, backend=BACKEND)

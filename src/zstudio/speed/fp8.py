@@ -44,6 +44,6 @@ def float8_config():
 
 
 def quantize_fp8(transformer) -> None:
-    from torchao.quantization import quantize_
+    from ..quantized import quantize_layers
 
-    quantize_(transformer, float8_config(), filter_fn=large_linear_filter)
+    quantize_layers(transformer, float8_config(), large_linear_filter)  # records what LoRAs need to re-quantize
