@@ -606,8 +606,18 @@ def download(model: str | None, revision: str | None) -> None:
               "[env ZSTUDIO_UPSCALERS, ':'-separated].")  # fmt: skip
 @click.option("--max-input-mb", type=click.FloatRange(min=0, min_open=True), default=MAX_INPUT_BYTES / 2**20,
               show_default=True, help="The largest picture an edit or upscale request may upload, in MiB.")  # fmt: skip
+@click.option("--ray", "use_ray", is_flag=True, help="Run the engines as Ray Serve replicas (pip install "
+              "'zstudio[ray]'); this process keeps the API, queue and history. See docs/SCALE.md.")  # fmt: skip
+@click.option("--replicas", type=click.IntRange(min=1), help="With --ray: engine replicas [the cluster's GPUs / "
+              "--gpus-per-replica; 1 without GPUs].")  # fmt: skip
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: GPUs each replica holds.")  # fmt: skip
+@click.option("--address", "ray_address", help="With --ray: a Ray cluster to join ('auto': the one this host "
+              "belongs to) [a new local one].")  # fmt: skip
+@click.option("--parallel", help="ulysses:N splits each image over N GPUs of this host (2-8); see docs/SCALE.md.")
 def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel_steps, device, speed, memory,
-          no_warmup, no_ui, upscalers, max_input_mb) -> None:  # fmt: skip
+          no_warmup, no_ui, upscalers, max_input_mb, use_ray, replicas, gpus_per_replica, ray_address,
+          parallel) -> None:  # fmt: skip
     """Serve the web UI (/ui), the HTTP API (/api/v1, /v1/images/generations, /docs), MCP (/mcp) and /metrics."""
     from .server.app import serve as run_server
 
@@ -628,6 +638,11 @@ def serve(host, port, model, outputs, state, token, allowed_hosts, max_megapixel
             ui=not no_ui,
             upscalers=tuple(str(path) for path in upscalers),
             max_input_bytes=int(max_input_mb * 2**20),
+            ray=use_ray,
+            replicas=replicas,
+            gpus_per_replica=gpus_per_replica,
+            ray_address=ray_address,
+            parallel=parallel,
         )
     )
 

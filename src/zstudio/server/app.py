@@ -13,13 +13,14 @@ from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..engine import Generator
+from ..parallel import parse_parallel, start_ulysses
 from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, MAX_INPUT_BYTES, ParamError
 from ..settings import load_settings
 from .a1111 import build_a1111_router
 from .api import SafeJSONResponse, Studio, add_error_handlers, build_router
 from .guard import MIN_TOKEN_LENGTH, UPLOAD_LIMIT_BYTES, AccessGuard, HostPolicy, input_body_limit, is_loopback
 from .history import DB_NAME, History, state_folder
-from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue
+from .jobs import DEFAULT_KEEP_FINISHED_S, DEFAULT_MAX_WAITING, JobQueue, Runner
 from .mcp import LocalStudio, build_mcp_server, http_route
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,15 @@ def create_app(
     upscalers: tuple[str, ...] = (),
     upload_ttl_hours: float | None = None,
     upload_max_mb: float | None = None,
+    runner: Runner | None = None,
 ) -> FastAPI:
     """The whole server as one ASGI app. `state` holds the history database and uploaded pictures (default: a
     folder per outputs folder under ZSTUDIO_STATE); `hosts` the Host names it answers to (default: loopback names
     only); `max_input_bytes` caps each uploaded picture; `upscalers` are model files or folders that upscale
     requests may name (besides ZSTUDIO_UPSCALERS); `upload_ttl_hours` and `upload_max_mb` bound the uploads that no
-    history entry or job names (default: ZSTUDIO_UPLOAD_TTL, ZSTUDIO_UPLOAD_MAX_MB; see `server.inputs`)."""
+    history entry or job names (default: ZSTUDIO_UPLOAD_TTL, ZSTUDIO_UPLOAD_MAX_MB; see `server.inputs`); `runner`
+    generates the jobs (default: `generator` itself; with `zstudio.server.replicas.RayRunner`, Ray Serve replicas
+    while `generator` only validates and saves)."""
     check_token(token)
     outputs = Path(outputs) if outputs is not None else generator.outputs
     generator.outputs = outputs
@@ -75,7 +79,7 @@ def create_app(
     check_writable(outputs, "outputs")
     check_writable(state, "state")
     history = History(state / DB_NAME, legacy=outputs / DB_NAME)
-    queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting,
+    queue = JobQueue(generator, history, outputs=outputs, max_waiting=max_waiting, runner=runner,
                      max_megapixel_steps=max_megapixel_steps, keep_finished_s=keep_finished_s)  # fmt: skip
     generator.named_input_folders |= {outputs.resolve(), (state / "inputs").resolve()}
     generator.loras.folder.folder_only = True  # clients name LoRAs of the folder, not server files or hub repos
@@ -160,19 +164,44 @@ def serve(
     ui: bool = True,
     upscalers: tuple[str, ...] = (),
     max_input_bytes: int = MAX_INPUT_BYTES,
+    ray: bool = False,
+    replicas: int | None = None,
+    gpus_per_replica: float = 1.0,
+    ray_address: str | None = None,
+    parallel: str | None = None,
 ) -> None:
-    """Load the model, warm it up, then serve until interrupted."""
+    """Load the model, warm it up, then serve until interrupted.
+
+    `ray`: the engines run as Ray Serve replicas (`replicas`, `gpus_per_replica`, `ray_address`: see
+    zstudio.server.replicas) and this process keeps the API, queue and history. `parallel` ("ulysses:N"): one engine
+    split over N GPUs of this host (zstudio.parallel)."""
     import uvicorn
 
     if not is_loopback(host) and not token:
         raise ParamError("token", f"binding to {host} exposes the studio to the network; set --token or ZSTUDIO_TOKEN")
     check_token(token)
+    degree = parse_parallel(parallel)
+    if ray and degree > 1:
+        raise ParamError("parallel", "splits one engine over GPUs; with --ray each replica is one engine: use one")
     settings = load_settings()
     folder = Path(outputs) if outputs is not None else settings.outputs
     check_writable(folder, "outputs")  # before minutes of loading, and in one line
-    generator = Generator(model=model, outputs=folder, device=device, speed=speed, memory=memory, settings=settings)
-    generator.load()
-    if warmup:
+    runner = None
+    if ray:
+        from .replicas import ReplicaSpec, start_replicas
+
+        # Here the generator only validates and saves (on the CPU); the replicas load the weights.
+        generator = Generator(model=model, outputs=folder, device="cpu", speed="eager", memory="resident",
+                              settings=settings)  # fmt: skip
+        spec = ReplicaSpec(model=model, speed=speed, memory=memory, warmup=warmup, device=device)
+        runner = start_replicas(spec, replicas=replicas, gpus_per_replica=gpus_per_replica, address=ray_address)
+    else:
+        generator = Generator(model=model, outputs=folder, device=device, speed=speed, memory=memory,
+                              settings=settings)  # fmt: skip
+        if degree > 1:
+            start_ulysses(generator, degree)
+        generator.load()
+    if warmup and not ray:
         log.warning("warming up (one generation at the model's size; compiled speed modes compile now)")
         generator.warmup()
     info = generator.info()
@@ -185,6 +214,7 @@ def serve(
         ui=ui,
         max_input_bytes=max_input_bytes,
         upscalers=tuple(upscalers),
+        runner=runner,
     )
     log.warning(
         "zstudio %s: http://%s:%d  model %s  device %s (%s, speed %s)  memory mode %s",
@@ -202,4 +232,8 @@ def serve(
             "the real weights are not available: serving the %s, not Z-Image; run `zstudio download` or pass --model",
             info["model"],
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if runner is not None:
+            runner.stop()

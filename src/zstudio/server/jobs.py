@@ -1,4 +1,8 @@
-"""The job queue: a bounded line of waiting jobs, one worker thread that owns the GPU, one writer thread that saves.
+"""The job queue: a bounded line of waiting jobs, worker threads that run them, one writer thread that saves.
+
+Who generates is the queue's `runner`: `LocalRunner` (the default) runs this process's engine with one worker
+thread; `zstudio.server.replicas.RayRunner` sends each job to one of N Ray Serve engine replicas, with one worker
+thread per replica. Everything else (history, waiting line, cancel, progress, saving) is this one job system.
 
 Every accepted job is in the history database before `submit` returns, and is "done" there only once its files are on
 disk. The GPU worker generates job N+1 while the writer encodes and writes job N's files; at most
@@ -25,10 +29,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..cancel import cancellable
-from ..engine import GenerationCancelled, GenerationResult, Generator
+from ..engine import GenerationCancelled, GenerationResult, Generator, ProgressCallback
 from ..lora import take_prompt_loras
 from ..params import DEFAULT_MAX_MEGAPIXEL_STEPS, GenerationParams, ParamError
 from .history import FINAL, History
@@ -50,6 +54,36 @@ class QueueFull(Exception):
 
 class Unavailable(Exception):
     """The server cannot run jobs now (worker down, engine unusable, disk full); the message says which."""
+
+
+class Runner(Protocol):
+    """Runs one job's generation somewhere: this process's engine, or a replica."""
+
+    slots: int  # jobs that can run at once (one worker thread each)
+
+    def run(self, params: GenerationParams, progress: ProgressCallback, cancelled: Callable[[], bool]
+            ) -> GenerationResult: ...  # fmt: skip
+
+    def unavailable(self) -> str | None: ...
+
+
+class LocalRunner:
+    """The in-process engine: one job at a time, cancelled at its next transformer block."""
+
+    slots = 1
+
+    def __init__(self, generator: Generator):
+        self.generator = generator
+
+    def run(self, params: GenerationParams, progress: ProgressCallback, cancelled: Callable[[], bool]
+            ) -> GenerationResult:  # fmt: skip
+        if getattr(self.generator, "parallel_degree", 1) > 1:  # ranks run in step: a cancel waits for the image end
+            return self.generator.generate_images(params, progress=progress)
+        with cancellable(self.generator.pipe, cancelled):
+            return self.generator.generate_images(params, progress=progress)
+
+    def unavailable(self) -> str | None:
+        return "the model is not loaded" if self.generator.pipe is None else None
 
 
 @dataclass
@@ -111,8 +145,10 @@ class JobQueue:
         keep_finished_s: float = DEFAULT_KEEP_FINISHED_S,
         max_pending_saves: int = MAX_PENDING_SAVES,
         outputs: Path | None = None,
+        runner: Runner | None = None,
     ):
-        self.generator = generator
+        self.generator = generator  # validates and saves; `runner` generates (by default with this generator)
+        self.runner = runner or LocalRunner(generator)
         self.outputs = Path(outputs) if outputs is not None else generator.outputs  # this queue's, not the engine's
         self.history = history
         self.max_waiting = max_waiting
@@ -120,7 +156,7 @@ class JobQueue:
         self.keep_finished_s = keep_finished_s
         self.jobs: dict[str, Job] = {}
         self.waiting: collections.deque[str] = collections.deque()
-        self.running: str | None = None
+        self.running_ids: list[str] = []  # oldest first
         self.counts: collections.Counter[str] = collections.Counter()
         # Called with ("queue_wait" | "image", seconds) as jobs start and finish (the /metrics histograms).
         self.observers: list[Callable[[str, float], None]] = []
@@ -130,11 +166,19 @@ class JobQueue:
         self._changed = threading.Condition()
         self._saves: queue.Queue[tuple[Job, GenerationResult] | None] = queue.Queue(maxsize=max_pending_saves)
         self._stopping = False
-        self._worker = self._thread(self._work, "zstudio-gpu-worker")
+        self._workers = [self._worker_thread(slot) for slot in range(self.runner.slots)]
         self._writer = self._thread(self._write, "zstudio-writer")
         self._watchdog = self._thread(self._watch, "zstudio-watchdog")
-        self._crash: str | None = None
-        self._crashed_job: Job | None = None
+        self._crash: dict[int, str] = {}  # worker slot -> why it died
+        self._crashed_job: dict[int, Job] = {}
+
+    @property
+    def running(self) -> str | None:
+        """The longest-running job, or None (with replicas several run at once: see `running_ids`)."""
+        return self.running_ids[0] if self.running_ids else None
+
+    def _worker_thread(self, slot: int) -> threading.Thread:
+        return self._thread(lambda: self._work(slot), f"zstudio-gpu-worker-{slot}")
 
     @staticmethod
     def _thread(target: Callable[[], None], name: str) -> threading.Thread:
@@ -143,7 +187,8 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._recover()
-        self._worker.start()
+        for worker in self._workers:
+            worker.start()
         self._writer.start()
         self._watchdog.start()
 
@@ -151,11 +196,12 @@ class JobQueue:
         """Stop taking work: the running job fails with the reason; finished images are still written."""
         with self._changed:
             self._stopping = True
-            if self.running:
-                self.jobs[self.running].cancel_requested = True
+            for job_id in self.running_ids:
+                self.jobs[job_id].cancel_requested = True
             self._changed.notify_all()
         deadline = time.monotonic() + timeout
-        self._worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         try:
             self._saves.put(None, timeout=max(0.1, deadline - time.monotonic()))
         except queue.Full:
@@ -188,12 +234,13 @@ class JobQueue:
         """Why jobs cannot run now, or None when they can."""
         if self._stopping:
             return "the server is shutting down"
-        if not self._worker.is_alive():
-            return f"the GPU worker stopped ({self._crash or 'not started'}); it is being restarted"
+        for slot, worker in enumerate(self._workers):
+            if not worker.is_alive():
+                return f"the GPU worker stopped ({self._crash.get(slot) or 'not started'}); it is being restarted"
         if not self._writer.is_alive():
             return "the image writer stopped; it is being restarted"
-        if self.generator.pipe is None:
-            return "the model is not loaded"
+        if (reason := self.runner.unavailable()) is not None:
+            return reason
         for reason in self.problems.values():
             return reason
         return None
@@ -230,7 +277,7 @@ class JobQueue:
 
     def position(self, job_id: str) -> int | None:
         """1 = next to run; 0 = running; None = not waiting."""
-        if self.running == job_id:
+        if job_id in self.running_ids:
             return 0
         try:
             return list(self.waiting).index(job_id) + 1
@@ -283,13 +330,15 @@ class JobQueue:
                 job.listeners.discard(wake)
 
     # ---------------------------------------------------------------------------------------------- worker
-    def _work(self) -> None:
+    def _work(self, slot: int = 0) -> None:
         job = None
         try:
             while (job := self._next_job()) is not None:
                 self._run(job)
         except BaseException as err:  # recorded for the watchdog, which fails `job` and starts a new worker
-            self._crash, self._crashed_job = describe(err), job
+            self._crash[slot] = describe(err)
+            if job is not None:
+                self._crashed_job[slot] = job
             raise
 
     def _next_job(self) -> Job | None:
@@ -298,7 +347,7 @@ class JobQueue:
             if self._stopping:
                 return None
             job = self.jobs[self.waiting.popleft()]
-            self.running = job.id
+            self.running_ids.append(job.id)
             self._set(job, status="running")
         return job
 
@@ -315,8 +364,7 @@ class JobQueue:
                 with self._changed:
                     self._set(job, step=step, total_steps=total)
 
-            with cancellable(self.generator.pipe, lambda: job.cancel_requested):
-                result = self.generator.generate_images(job.params, progress=progress)
+            result = self.runner.run(job.params, progress, lambda: job.cancel_requested)
             if job.cancel_requested:
                 raise GenerationCancelled()
         except GenerationCancelled:
@@ -339,7 +387,7 @@ class JobQueue:
             self._saves.put((job, result))  # waits only while MAX_PENDING_SAVES results are already waiting
         finally:
             with self._changed:
-                self.running = None
+                self.running_ids.remove(job.id)
                 self._changed.notify_all()
 
     # ---------------------------------------------------------------------------------------------- writer
@@ -376,14 +424,17 @@ class JobQueue:
     def _revive(self) -> None:
         if self._stopping:
             return
-        if not self._worker.is_alive():
-            log.error("the GPU worker died (%s); starting a new one", self._crash)
-            job, self._crashed_job = self._crashed_job, None
+        for slot, worker in enumerate(self._workers):
+            if worker.is_alive():
+                continue
+            crash = self._crash.get(slot)
+            log.error("the GPU worker died (%s); starting a new one", crash)
+            job = self._crashed_job.pop(slot, None)
             if job is not None and not job.finished:
-                self._finish(job, "failed", error=f"the GPU worker crashed while running this job: {self._crash}")
+                self._finish(job, "failed", error=f"the GPU worker crashed while running this job: {crash}")
             self.restarts += 1
-            self._worker = self._thread(self._work, "zstudio-gpu-worker")
-            self._worker.start()
+            self._workers[slot] = self._worker_thread(slot)
+            self._workers[slot].start()
         if not self._writer.is_alive():
             log.error("the image writer died; starting a new one")
             self.restarts += 1

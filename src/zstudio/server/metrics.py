@@ -20,8 +20,8 @@ class QueueCollector:
             jobs.add_metric([state], queue.counts.get(state, 0))
         yield jobs
         yield GaugeMetricFamily("zstudio_queue_length", "Jobs waiting.", value=len(queue.waiting))
-        running = int(bool(queue.running))
-        yield GaugeMetricFamily("zstudio_job_running", "1 while a job runs on the device.", value=running)
+        running = len(queue.running_ids)
+        yield GaugeMetricFamily("zstudio_job_running", "Jobs running (one per engine replica at most).", value=running)
         yield GaugeMetricFamily("zstudio_available", "1 while jobs are accepted (see /api/v1/health).",
                                 value=int(queue.unavailable() is None))  # fmt: skip
         yield CounterMetricFamily("zstudio_worker_restarts", "Worker or writer threads restarted by the watchdog.",

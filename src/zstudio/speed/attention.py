@@ -94,6 +94,13 @@ class FastZImageAttnProcessor:
             query, key = rope(query, freqs_cis), rope(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
+        if self._parallel_config is not None:  # zstudio.parallel: diffusers' Ulysses all-to-all around SDPA
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, parallel_config=self._parallel_config
+            )
+            return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
         with _backend_context():
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask
