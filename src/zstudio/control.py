@@ -44,6 +44,10 @@ class Preprocessor:
     needs: str = ""
 
 
+# The Canny ControlNet trained on the demo model (`python -m zstudio.demo.control`; docs/CONTROLNET.md).
+DEMO = Path(__file__).parent / "data" / "controlnet-demo"
+
+
 def canny(image: Image.Image) -> Image.Image:
     """OpenCV's Canny edges of the picture's grey levels, white on black, as three channels."""
     import cv2
@@ -87,8 +91,11 @@ class ControlNetSource:
 
 def resolve(spec: str, allow_download: bool = True) -> ControlNetSource:
     """A folder, a .safetensors file, or a hub id `owner/repo` (optionally `owner/repo/FILE.safetensors` where the
-    repo holds several), from the Hugging Face cache, else downloaded into it. Missing: one `ParamError` line."""
+    repo holds several), from the Hugging Face cache, else downloaded into it; or `demo`, the Canny ControlNet trained
+    on the demo model and shipped with it. Missing: one `ParamError` line."""
     spec = spec.strip()
+    if spec == "demo":
+        return _local(spec, DEMO)
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") < 1:
         return _local(spec, path)

@@ -42,16 +42,17 @@ from ..params import DEFAULT_CONTROL_SCALE
 from .dataset import POSITIONS, SHAPES, Scene, render, split_scenes
 from .flow import model_time, noisy_latents, velocity_target
 from .train import (
-    SEQ_MULTIPLE,
     Batches,
     Progress,
     autocast,
     batched_forward,
+    caption_states,
     encode_captions,
     images_tensor,
     padded,
     sample_sigmas,
     scaled_latents,
+    tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -183,27 +184,10 @@ def batched_hints(controlnet, transformer, latents: torch.Tensor, t: torch.Tenso
                   lengths: torch.Tensor, context: torch.Tensor, scale: float) -> dict[int, torch.Tensor]:  # fmt: skip
     """`ZImageControlNetModel.forward` for a batch whose captions pad to one length, as `train.batched_forward`
     is the transformer's: `context` (B, control_in_dim, H, W). `tests/test_demo_control.py` holds the two equal."""
-    b, c, h, w = latents.shape
-    p = 2
-    ht, wt = h // p, w // p
-    n, length = ht * wt, captions.shape[1]
-    if n % SEQ_MULTIPLE or length % SEQ_MULTIPLE:
-        raise ValueError(f"{n} image tokens and {length} caption tokens must be multiples of {SEQ_MULTIPLE}")
-    device = latents.device
-    adaln = transformer.t_embedder(t * transformer.t_scale).type_as(latents)
-
-    def patchify(tensor: torch.Tensor) -> torch.Tensor:  # "c f pf h ph w pw -> (f h w) (pf ph pw c)"
-        k = tensor.shape[1]
-        return tensor.view(b, k, 1, 1, ht, p, wt, p).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, n, p * p * k)
-
-    grid = torch.stack(torch.meshgrid(torch.arange(ht), torch.arange(wt), indexing="ij"), -1).reshape(n, 2)
-    image_ids = torch.cat([torch.full((n, 1), length + 1), grid], 1).to(device, torch.int32)
-    caption_ids = torch.stack([torch.arange(1, length + 1), torch.zeros(length), torch.zeros(length)], 1)
-    image_freqs = transformer.rope_embedder(image_ids).unsqueeze(0).expand(b, -1, -1)
-    caption_freqs = transformer.rope_embedder(caption_ids.to(device, torch.int32)).unsqueeze(0).expand(b, -1, -1)
-
-    control = controlnet.control_all_x_embedder[f"{p}-1"](patchify(context))
-    x = transformer.all_x_embedder[f"{p}-1"](patchify(latents))
+    layout = tokens(transformer, latents, t, captions.shape[1])
+    image_freqs, adaln = layout.image_freqs, layout.adaln
+    control = controlnet.control_all_x_embedder["2-1"](layout.patchify(context))
+    x = transformer.all_x_embedder["2-1"](layout.patchify(latents))
     for layer in controlnet.control_noise_refiner:
         control = layer(control, x, None, image_freqs, adaln)
     *refiner_hints, control = torch.unbind(control)
@@ -211,14 +195,10 @@ def batched_hints(controlnet, transformer, latents: torch.Tensor, t: torch.Tenso
         x = layer(x, None, image_freqs, adaln)
         if index in controlnet.control_refiner_layers_places:
             x = x + refiner_hints[controlnet.control_refiner_layers_places.index(index)] * scale
-    cap = transformer.cap_embedder(captions)
-    pad = torch.arange(length, device=device)[None, :, None] >= lengths.to(device)[:, None, None]
-    cap = torch.where(pad, transformer.cap_pad_token.to(cap.dtype), cap)
-    for layer in transformer.context_refiner:
-        cap = layer(cap, None, caption_freqs)
+    cap = caption_states(transformer, captions, lengths, layout)
     unified = torch.cat([x, cap], 1)
     control = torch.cat([control, cap], 1)
-    freqs = torch.cat([image_freqs, caption_freqs], 1)
+    freqs = torch.cat([image_freqs, layout.caption_freqs], 1)
     for layer in controlnet.control_layers:
         control = layer(control, unified, None, freqs, adaln)
     hints = torch.unbind(control)[:-1]
@@ -485,7 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         print(folder)
         return
     report = evaluate(args.evaluate, args.split, args.seed, args.device, args.steps, args.limit)
-    path = Path(args.json) if args.json else Path(args.evaluate) / f"eval-{args.split}.json"
+    # The shipped one (`demo`) lives in the installed package: its report goes to the working folder instead.
+    home = Path(".") if args.evaluate == "demo" else Path(args.evaluate)
+    path = Path(args.json) if args.json else home / f"eval-{args.split}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     for mode in ("control", "baseline"):
         rates = ", ".join(f"{k} {v:.0%}" for k, v in report[mode].items())

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,64 @@ def padded(lengths: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ transformer
+@dataclass(frozen=True)
+class Tokens:
+    """A batch's token layout as diffusers' Z-Image builds it per picture: patch size 2, the image tokens' rotary
+    positions after the caption's, every caption padded to one length; and the time embedding."""
+
+    b: int
+    ht: int
+    wt: int
+    length: int
+    adaln: torch.Tensor
+    image_freqs: torch.Tensor
+    caption_freqs: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.ht * self.wt
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """ "c f pf h ph w pw -> (f h w) (pf ph pw c)", per picture, as diffusers' _patchify_image."""
+        k = x.shape[1]
+        return (
+            x.view(self.b, k, 1, 1, self.ht, 2, self.wt, 2)
+            .permute(0, 2, 4, 6, 3, 5, 7, 1)
+            .reshape(self.b, self.n, 4 * k)
+        )
+
+
+def tokens(transformer, latents: torch.Tensor, t: torch.Tensor, length: int) -> Tokens:
+    b, _, h, w = latents.shape
+    ht, wt = h // 2, w // 2
+    n = ht * wt
+    if n % SEQ_MULTIPLE or length % SEQ_MULTIPLE:
+        raise ValueError(f"{n} image tokens and {length} caption tokens must be multiples of {SEQ_MULTIPLE}")
+    device = latents.device
+    grid = torch.stack(torch.meshgrid(torch.arange(ht), torch.arange(wt), indexing="ij"), -1).reshape(n, 2)
+    image_ids = torch.cat([torch.full((n, 1), length + 1), grid], 1).to(device, torch.int32)
+    caption_ids = torch.stack([torch.arange(1, length + 1), torch.zeros(length), torch.zeros(length)], 1)
+    return Tokens(
+        b,
+        ht,
+        wt,
+        length,
+        adaln=transformer.t_embedder(t * transformer.t_scale).type_as(latents),
+        image_freqs=transformer.rope_embedder(image_ids).unsqueeze(0).expand(b, -1, -1),
+        caption_freqs=transformer.rope_embedder(caption_ids.to(device, torch.int32)).unsqueeze(0).expand(b, -1, -1),
+    )
+
+
+def caption_states(transformer, captions: torch.Tensor, lengths: torch.Tensor, layout: Tokens) -> torch.Tensor:
+    """The captions embedded, their padding set to the pad token, through the context refiner."""
+    cap = transformer.cap_embedder(captions)
+    pad = torch.arange(layout.length, device=cap.device)[None, :, None] >= lengths.to(cap.device)[:, None, None]
+    cap = torch.where(pad, transformer.cap_pad_token.to(cap.dtype), cap)
+    for layer in transformer.context_refiner:
+        cap = layer(cap, None, layout.caption_freqs)
+    return cap
+
+
 def batched_forward(
     transformer,
     latents: torch.Tensor,
@@ -233,38 +292,19 @@ def batched_forward(
     added after the layers they name (diffusers' `controlnet_block_samples`). `tests/test_demo_train.py` holds it
     equal to the diffusers forward."""
     b, c, h, w = latents.shape
-    p = 2
-    ht, wt = h // p, w // p
-    n, length = ht * wt, captions.shape[1]
-    if n % SEQ_MULTIPLE or length % SEQ_MULTIPLE:
-        raise ValueError(f"{n} image tokens and {length} caption tokens must be multiples of {SEQ_MULTIPLE}")
-    device = latents.device
-    adaln = transformer.t_embedder(t * transformer.t_scale).type_as(latents)
-    # "c f pf h ph w pw -> (f h w) (pf ph pw c)", per picture, as diffusers' _patchify_image
-    patches = latents.view(b, c, 1, 1, ht, p, wt, p).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, n, p * p * c)
-    grid = torch.stack(torch.meshgrid(torch.arange(ht), torch.arange(wt), indexing="ij"), -1).reshape(n, 2)
-    image_ids = torch.cat([torch.full((n, 1), length + 1), grid], 1).to(device, torch.int32)
-    caption_ids = torch.stack([torch.arange(1, length + 1), torch.zeros(length), torch.zeros(length)], 1)
-    image_freqs = transformer.rope_embedder(image_ids).unsqueeze(0).expand(b, -1, -1)
-    caption_freqs = transformer.rope_embedder(caption_ids.to(device, torch.int32)).unsqueeze(0).expand(b, -1, -1)
-
-    x = transformer.all_x_embedder[f"{p}-1"](patches)
+    layout = tokens(transformer, latents, t, captions.shape[1])
+    x = transformer.all_x_embedder["2-1"](layout.patchify(latents))
     for layer in transformer.noise_refiner:
-        x = layer(x, None, image_freqs, adaln)
-    cap = transformer.cap_embedder(captions)
-    pad = torch.arange(length, device=device)[None, :, None] >= lengths.to(device)[:, None, None]
-    cap = torch.where(pad, transformer.cap_pad_token.to(cap.dtype), cap)
-    for layer in transformer.context_refiner:
-        cap = layer(cap, None, caption_freqs)
-    unified = torch.cat([x, cap], 1)
-    freqs = torch.cat([image_freqs, caption_freqs], 1)
+        x = layer(x, None, layout.image_freqs, layout.adaln)
+    unified = torch.cat([x, caption_states(transformer, captions, lengths, layout)], 1)
+    freqs = torch.cat([layout.image_freqs, layout.caption_freqs], 1)
     for index, layer in enumerate(transformer.layers):
-        unified = layer(unified, None, freqs, adaln)
+        unified = layer(unified, None, freqs, layout.adaln)
         if hints is not None and index in hints:
             unified = unified + hints[index]
-    out = transformer.all_final_layer[f"{p}-1"](unified, c=adaln)[:, :n]
+    out = transformer.all_final_layer["2-1"](unified, c=layout.adaln)[:, : layout.n]
     # "(f h w) (pf ph pw c) -> c (f pf) (h ph) (w pw)", as diffusers' unpatchify
-    return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+    return out.view(b, layout.ht, layout.wt, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
