@@ -17,8 +17,9 @@ from zstudio.models import demo_source
 from zstudio.tiny import Sizes, build_transformer
 
 SHIPPED = demo_source().path.parent / "controlnet-demo"  # where the lead ships the trained one, as package data
-# The held-out position rate the shipped ControlNet reached when it was measured (docs/CONTROLNET.md); None until then.
-SHIPPED_POSITION_RATE: float | None = 0.9  # measured on this CPU (float32): 20 of 20; one miss of room for other platforms
+# The held-out position rate the shipped ControlNet holds: measured 20 of 20 on the CPU in float32 (docs/CONTROLNET.md);
+# one miss of room for other platforms' rounding.
+SHIPPED_POSITION_RATE: float | None = 0.9
 FIVE_LAYERS = Sizes(text_hidden=32, text_layers=1, dim=32, n_layers=5, n_heads=2, axes_dims=(8, 4, 4),
                     vae_channels=(8, 8, 16, 16), vae_groups=4)  # fmt: skip
 

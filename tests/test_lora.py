@@ -368,9 +368,11 @@ def test_demo_lora_retrains_quickly_into_the_shipped_layout(demo_loras, tmp_path
     from zstudio.demo.lora import train_lora
 
     shipped = lora.read_lora(SHIPPED / "red-to-blue.safetensors", demo_loras.pipe.transformer)
-    first = train_lora(tmp_path / "quick-rb.safetensors", "red", "blue", steps=15, keep="green")
+    first = train_lora(tmp_path / "quick-rb.safetensors", "red", "blue", steps=3, keep="green", pictures=48)
     before = first.read_bytes()
-    second = train_lora(tmp_path / "quick-gy.safetensors", "green", "yellow", steps=15, over=("red", "blue", first))
+    second = train_lora(
+        tmp_path / "quick-gy.safetensors", "green", "yellow", steps=3, over=("red", "blue", first), pictures=48
+    )
     assert first.read_bytes() == before
     quick = [lora.read_lora(path, demo_loras.pipe.transformer) for path in (first, second)]
     for trained in quick:

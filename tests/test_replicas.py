@@ -90,7 +90,7 @@ def test_killing_a_replica_mid_run_loses_no_accepted_job(runner, ingress, tmp_pa
 
 
 def test_cancel_stops_a_job_inside_its_replica_and_a_full_line_answers_429(runner, ingress, tmp_path):
-    long_job = {**JOB, "width": 768, "height": 768, "num_inference_steps": 100}  # tens of seconds on a CPU replica
+    long_job = {**JOB, "width": 1024, "height": 1024, "num_inference_steps": 100}  # a minute or more on a CPU replica
     with Running(create_app(ingress, tmp_path / "outputs", ui=False, max_waiting=1, runner=runner)) as client:
         running = [client.post("/api/v1/generations", json={**long_job, "seed": s}).json()["id"] for s in (1, 2)]
         for job_id in running:

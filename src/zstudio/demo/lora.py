@@ -81,9 +81,10 @@ def training_data(source: str, target: str, seed: int, keep: str | None = None, 
 def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed: int = 0, steps: int = 200,
                batch: int = 16, lr: float = 3e-3, targets: str | list[str] = TARGETS, blocks: list[str] | None = None,
                keep: str | None = None, rank: int = RANK, over: tuple[str, str, str | Path] | None = None,
-               device: str = "cpu") -> Path:  # fmt: skip
+               device: str = "cpu", pictures: int | None = None) -> Path:  # fmt: skip
     """Train on the embedded demo model and write the LoRA to `out` (diffusers/PEFT layout). Draws stay on the CPU
-    generator whatever the `device`, so a GPU run sees the batches a CPU run sees."""
+    generator whatever the `device`, so a GPU run sees the batches a CPU run sees. `pictures` trains on a seeded
+    subset of that many (quick tries and tests: encoding every picture is most of a CPU run's time)."""
     from diffusers import ZImagePipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -101,6 +102,9 @@ def train_lora(out: str | Path, source: str = "red", target: str = "blue", seed:
     side = source_model.profile.width
     keep = over[0] if over else keep
     drawn, captions, plain = training_data(source, target, seed, keep, over[1] if over else None)
+    if pictures is not None and pictures < len(drawn):
+        keep_at = sorted(random.Random(seed).sample(range(len(drawn)), pictures))
+        drawn, captions, plain = ([items[i] for i in keep_at] for items in (drawn, captions, plain))
     with torch.no_grad():
         latents = scaled_latents(pipe.vae, images_tensor(drawn) if side == 128 else _render(drawn, side))
         alone = (
