@@ -287,3 +287,11 @@ def test_control_over_http_by_upload_name_and_never_a_path(tiny_dir, shape_file,
         refused = client.post("/api/v1/generations", json={**body, "control": name})
         assert refused.status_code == 422 and "control" in refused.text, refused.text
         assert client.get("/api/v1/history").json()["total"] == 0
+
+
+def test_controlnet_demo_names_the_shipped_canny_controlnet():
+    from zstudio import control as control_module
+
+    source = control_module.resolve("demo")
+    assert source.path == control_module.DEMO and (source.path / "config.json").is_file()
+    assert "canny" in control_module._types(source.path)
