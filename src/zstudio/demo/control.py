@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from .train import (
     encode_captions,
     images_tensor,
     padded,
+    publish,
     sample_sigmas,
     scaled_latents,
     tokens,
@@ -389,19 +389,12 @@ def save(config, state: dict[str, torch.Tensor], folder: Path, info: dict) -> Pa
 
     controlnet = ZImageControlNetModel.from_config(config)
     controlnet.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".controlnet-", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         with quiet_loading():
             controlnet.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
-        (staging / "zstudio.json").write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+
+    return publish(folder, write, info)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

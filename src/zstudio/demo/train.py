@@ -578,16 +578,26 @@ def save(pipe, transformer, folder: Path, info: dict) -> Path:
     transformer = transformer.to("cpu", torch.bfloat16)
     parts = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "scheduler")}
     out = ZImagePipeline(transformer=transformer, **parts)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
-    try:
-        vae_device = pipe.vae.device
+    devices = pipe.vae.device, pipe.text_encoder.device
+
+    def write(staging: Path) -> None:
         out.vae.to("cpu")
         out.text_encoder.to("cpu")
         with quiet_loading():
             out.save_pretrained(staging, safe_serialization=True)
-        out.vae.to(vae_device)
-        out.text_encoder.to(vae_device)
+        out.vae.to(devices[0])
+        out.text_encoder.to(devices[1])
+
+    return publish(folder, write, info)
+
+
+def publish(folder: Path, write, info: dict) -> Path:
+    """`write(staging)` fills a folder built beside `folder`, with `info` as its zstudio.json; then it replaces
+    `folder` in one rename, so a reader never sees half a checkpoint."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(staging)
         (staging / "zstudio.json").write_text(json.dumps(info, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
