@@ -79,9 +79,9 @@ def test_training_is_reproducible_from_its_seed(trained):
 
 
 def test_a_time_budget_stops_training_on_time(tmp_path):
-    [folder] = train(tmp_path / "t", seed=3, candidates=("s",), **{**FEW_STEPS, "steps": 10**6}, time_budget=20)
+    [folder] = train(tmp_path / "t", seed=3, candidates=("s",), **{**FEW_STEPS, "steps": 10**6}, time_budget=10)
     info = json.loads((folder / "zstudio.json").read_text())["training"]
-    assert 0 < info["steps_run"] < 10**6 and info["seconds"] < 20  # stopped by the clock, inside its share
+    assert 0 < info["steps_run"] < 10**6 and info["seconds"] < 10  # stopped by the clock, inside its share
 
 
 def test_trained_checkpoint_loads_as_a_demo_profile_model(trained):
