@@ -36,7 +36,7 @@ import torch
 
 from .models import file_sha256
 from .params import GenerationParams, ParamError
-from .quantized import QuantizedLayers, is_quantized, layers_of, requantize_
+from .quantized import QuantizedLayers, host_copy, is_quantized, layers_of, requantize_, summed
 
 log = logging.getLogger(__name__)
 
@@ -463,29 +463,14 @@ class LoadedLoras:
                     continue
                 if module_name not in self._originals:
                     self._originals[module_name] = host_copy(weight)
-                total = self._originals[module_name].to(weight.device, torch.float32, non_blocking=True, copy=True)
-                for strength, a, b in parts:
-                    total.addmm_(b.to(weight.device, torch.float32), a.to(weight.device, torch.float32), alpha=strength)
-                weight.copy_(total)
+                weight.copy_(summed(self._originals[module_name], weight.device, parts))
 
     def _requantize(self, quantized: QuantizedLayers, module: torch.nn.Module, module_name: str,
                     parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip
         """An 8-bit layer from its bf16 W₀ (+ the LoRAs' deltas), quantized with the mode's config, written in place."""
         weight = module.weight
-        total = quantized.base(module_name).to(weight.device, torch.float32, non_blocking=True, copy=True)
-        for strength, a, b in parts:
-            total.addmm_(b.to(weight.device, torch.float32), a.to(weight.device, torch.float32), alpha=strength)
-        requantize_(weight, total, quantized.quantize)
+        requantize_(weight, summed(quantized.base(module_name), weight.device, parts), quantized.quantize)
         (self._requantized.add if parts else self._requantized.discard)(module_name)
-
-
-def host_copy(weight: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of `weight`; pinned when it lives on a GPU."""
-    if weight.device.type != "cuda":
-        return weight.detach().to("cpu", copy=True)
-    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    copy.copy_(weight.detach())
-    return copy
 
 
 def save_peft(layers: LoraLayers, path: str | os.PathLike) -> Path:

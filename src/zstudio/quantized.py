@@ -102,7 +102,7 @@ def quantize_layers(transformer: torch.nn.Module, config: Any, filter_fn: Callab
     layers = QuantizedLayers(config, dtype, checkpoint_files(transformer))
     for name, module in chosen.items():
         if not layers.has_base(name):
-            layers.kept[name] = host_copy(module.weight)
+            layers.kept[name] = host_copy(module.weight, share_cpu=True)
     if layers.kept:
         gib = sum(t.numel() * t.element_size() for t in layers.kept.values()) / 2**30
         log.info("no checkpoint on disk for %d quantized layers: their bf16 weights kept on the host for LoRAs "
@@ -111,14 +111,24 @@ def quantize_layers(transformer: torch.nn.Module, config: Any, filter_fn: Callab
     setattr(transformer, ATTRIBUTE, layers)
 
 
-def host_copy(weight: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of `weight`, pinned when it lives on a GPU (so copying it back runs at the bus's full speed). A
-    CPU weight is kept as it is: quantizing replaces the module's tensor, it never writes into it."""
+def host_copy(weight: torch.Tensor, share_cpu: bool = False) -> torch.Tensor:
+    """A CPU copy of `weight`, pinned when it lives on a GPU (so copying it back runs at the bus's full speed).
+    `share_cpu`: a CPU weight is kept as it is, for callers that replace the module's tensor and never write into it
+    (quantizing); LoRA fusing writes into the weight, so it takes a real copy."""
     if weight.device.type == "cpu":
-        return weight.detach()
+        return weight.detach() if share_cpu else weight.detach().clone()
     copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.device.type == "cuda")
     copy.copy_(weight.detach())
     return copy
+
+
+def summed(base: torch.Tensor, device: torch.device, parts: list[tuple[float, torch.Tensor, torch.Tensor]]
+           ) -> torch.Tensor:  # fmt: skip
+    """W₀ + Σ strength·B·A in float32 on `device`: a fused LoRA set's weight, before casting or quantizing."""
+    total = base.to(device, torch.float32, non_blocking=True, copy=True)
+    for strength, a, b in parts:
+        total.addmm_(b.to(device, torch.float32), a.to(device, torch.float32), alpha=strength)
+    return total
 
 
 def requantize_(weight: torch.Tensor, new: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor]) -> None:
