@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import uvicorn
@@ -13,6 +15,15 @@ SMALL = {"width": 256, "height": 256}
 TOKEN = "correct-horse-battery-staple"
 FINAL = ("done", "failed", "cancelled")
 QUICK_JOB = {"prompt": "x", **SMALL, "num_inference_steps": 1}
+# Debian's chromium, driven by Playwright (its own browser download cannot work offline), and the flags it needs here.
+CHROMIUM = shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]  # fmt: skip
+
+
+def ui_request(lang: str = "en") -> SimpleNamespace:
+    """What a Gradio handler reads of its request: the browser's language."""
+    return SimpleNamespace(headers={"accept-language": "zh-CN" if lang == "zh" else "en-US"})
 
 
 def free_port() -> int:

@@ -40,18 +40,24 @@ def run(generator, **kw):
     return generator.generate_images(GenerationParams(prompt="a red circle", seed=7, **SIZE, **kw))
 
 
-@pytest.mark.parametrize("cfg", [0.0, 2.0])
-def test_pixels_match_diffusers_controlnet_pipeline(controlled, tiny_dir, shape_file, cfg):
-    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", seed=11, num_images=2, cfg_scale=cfg,
-                              control=str(shape_file), control_scale=0.9, **SIZE)  # fmt: skip
-    ours = controlled.generate_images(params)
-    pipe = controlled.pipe
-    reference = ZImageControlNetPipeline(
+def reference_pipeline(cls, generator, tiny_dir):
+    """diffusers' own ControlNet pipeline `cls` over the generator's components and the tiny ControlNet's file."""
+    pipe = generator.pipe
+    reference = cls(
         scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         transformer=pipe.transformer,
         controlnet=ZImageControlNetModel.from_pretrained(tiny_dir / CONTROLNET_FOLDER, torch_dtype=torch.float32),
     )  # fmt: skip
     reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_pixels_match_diffusers_controlnet_pipeline(controlled, tiny_dir, shape_file, cfg):
+    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", seed=11, num_images=2, cfg_scale=cfg,
+                              control=str(shape_file), control_scale=0.9, **SIZE)  # fmt: skip
+    ours = controlled.generate_images(params)
+    reference = reference_pipeline(ZImageControlNetPipeline, controlled, tiny_dir)
     fitted = control.validate(params, controlled.controlnet_source, 128, 128).image
     images = reference(
         prompt=params.prompt,
@@ -130,13 +136,7 @@ def test_inpainting_with_control_matches_diffusers_controlnet_inpaint_pipeline(c
                               control=str(shape_file), control_scale=0.9, **SIZE)  # fmt: skip
     ours = controlled.generate_images(params)
     assert ours.metadata[0]["edit"]["mode"] == "inpaint" and "control" in ours.metadata[0]
-    pipe = controlled.pipe
-    reference = ZImageControlNetInpaintPipeline(
-        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        transformer=pipe.transformer,
-        controlnet=ZImageControlNetModel.from_pretrained(tiny_dir / CONTROLNET_FOLDER, torch_dtype=torch.float32),
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
+    reference = reference_pipeline(ZImageControlNetInpaintPipeline, controlled, tiny_dir)
     fitted = control.validate(params, controlled.controlnet_source, 128, 128).image
     theirs = reference(
         prompt=params.prompt, negative_prompt=params.negative_prompt, width=128, height=128, num_inference_steps=3,

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 
-from helpers import TOKEN, Running
+from helpers import CHROMIUM, FLAGS, TOKEN, Running
 from zstudio.server.app import create_app
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")
 
 

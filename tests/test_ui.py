@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Running
+from helpers import CHROMIUM, FLAGS, Running
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 
-CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

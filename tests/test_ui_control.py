@@ -6,8 +6,6 @@ are wired to), on the tiny checkpoint and its tiny ControlNet, without a browser
 
 from __future__ import annotations
 
-import shutil
-from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -16,21 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import Running
+from helpers import CHROMIUM, FLAGS, Running, ui_request
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 from zstudio.server.ui import build_ui
 from zstudio.tiny import CONTROLNET_FOLDER
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
 VALUES = {"prompt": "a red circle", "negative": "", "seed": 5, "steps": 2, "width": 128, "height": 128}  # by elem_id
-
-
-def request(lang: str = "en") -> Any:
-    return SimpleNamespace(headers={"accept-language": "zh-CN" if lang == "zh" else "en-US"})
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +53,7 @@ def handler(demo: gr.Blocks, name: str):
 
 def call(demo: gr.Blocks, name: str, values: dict[str, Any], lang: str = "en"):
     fn = handler(demo, name)
-    result = fn.fn(request(lang), *[values.get(c.elem_id, c.value) for c in fn.inputs])
+    result = fn.fn(ui_request(lang), *[values.get(c.elem_id, c.value) for c in fn.inputs])
     if isinstance(result, Image.Image | list | tuple):
         return result
     *_, last = result  # a generator: the last update is the result

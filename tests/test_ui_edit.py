@@ -8,7 +8,6 @@ Chinese labels).
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import gradio as gr
 import numpy as np
@@ -16,9 +15,9 @@ import pytest
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from helpers import Running
+from helpers import CHROMIUM, FLAGS, Running, ui_request
 from test_lora import reference_layers, write_format
-from test_ui_lora import handler, request
+from test_ui_lora import handler
 from zstudio import lora
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
@@ -36,9 +35,6 @@ from zstudio.server.ui import (
 )
 from zstudio.upscale import RERENDER_SETS
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
 RECIPE = {"prompt": "a red circle", "negative_prompt": "", "num_inference_steps": 2, "cfg_scale": 0.0, "seed": 5,
           "num_images": 1}  # fmt: skip
 
@@ -108,9 +104,9 @@ def run_wired(demo: gr.Blocks, send: str, run: str, path: str) -> dict:
     """Click a send button as the page wires it: `send`'s outputs fill the page, then `run` takes the page's values
     (each component's initial value where `send` set none). Returns the recipe of the job's first picture."""
     sent = handler(demo, send)
-    page = {id(c): v for c, v in zip(sent.outputs, sent.fn(path, request()))}
+    page = {id(c): v for c, v in zip(sent.outputs, sent.fn(path, ui_request()))}
     job = handler(demo, run)
-    *_, last = job.fn(request(), *(page.get(id(c), c.value) for c in job.inputs))
+    *_, last = job.fn(ui_request(), *(page.get(id(c), c.value) for c in job.inputs))
     return read_metadata(last[5][0])["params"]
 
 

@@ -9,7 +9,6 @@ the Chinese accordion.
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import Running
+from helpers import CHROMIUM, FLAGS, Running, ui_request
 from test_lora import reference_layers, write_format
 from zstudio import lora
 from zstudio.engine import Generator
@@ -27,14 +26,7 @@ from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
 from zstudio.server.ui import LORA_ROWS, NO_LORA, build_ui, lora_note, lora_pairs, recipe_updates
 
-CHROMIUM = shutil.which("chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
 VALUES = {"prompt": "a red circle", "negative": "", "seed": 5, "steps": 2, "width": 256, "height": 256}  # by elem_id
-
-
-def request(lang: str = "en") -> Any:
-    return SimpleNamespace(headers={"accept-language": "zh-CN" if lang == "zh" else "en-US"})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ def call(demo: gr.Blocks, name: str, values: dict[str, Any], first_input: str | 
     """Run a handler as a click would: each input is `values[elem_id]` or the component's initial value."""
     fn = handler(demo, name, first_input)
     inputs = [values.get(c.elem_id, c.value) for c in fn.inputs]
-    result = fn.fn(request(lang), *inputs)
+    result = fn.fn(ui_request(lang), *inputs)
     if isinstance(result, list | tuple):
         return result
     *_, last = result  # a generator: the last update is the result
@@ -133,7 +125,7 @@ def test_recipes_bring_their_loras_back(served):
     rows[:2] = ["ink", -0.35]
     assert recipe_updates(out)[5:] == rows  # the send buttons (image to image, inpaint)
     record = next(r for r in studio.queue.history.page(limit=5) if r["params"]["loras"])
-    used = handler(demo, "use").fn(record, request())
+    used = handler(demo, "use").fn(record, ui_request())
     assert list(used[8 : 8 + 2 * LORA_ROWS]) == rows  # "Use these settings"
     assert recipe_updates(str(studio.outputs / "missing.png")) == [gr.update()] * (5 + 2 * LORA_ROWS)
 
