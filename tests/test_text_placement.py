@@ -6,14 +6,13 @@ import importlib.util
 import pytest
 import torch
 
-from zstudio import text_placement
+from zstudio import models, text_placement
 from zstudio.engine import Generator
 from zstudio.memory import Z_IMAGE, choose_memory, choose_text, host_needed_gb, needed_gb
 from zstudio.speed.text_encoder import TokenEncoder
 from zstudio.text_placement import (
     choose_text_placement,
     embedding_error,
-    load_text_encoder,
     module_gib,
     text_8bit_gib,
 )
@@ -111,7 +110,7 @@ def test_int8_text_encoder_encodes_close_to_the_full_precision_one(generator):
 def test_a_reloaded_text_encoder_encodes_as_the_loaded_one(generator):
     """The bf16 reload after an int8 encoder must give way (switching down to a streamed mode)."""
     ids = prompt_ids(generator)
-    reloaded = load_text_encoder(generator.source, generator.dtype)
+    reloaded = models.load_text_encoder(generator.source, generator.dtype)
     assert torch.equal(encode(reloaded, ids), encode(generator.pipe.text_encoder, ids))
 
 

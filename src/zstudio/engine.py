@@ -499,7 +499,7 @@ class Generator:
     def _text_placement_after_switch(self, mode: str) -> str:
         """The text encoder in a lower mode: an int8 one stays on the GPU down to 8bit; the streamed modes stream
         bf16 (reloaded from the model's files: diffusers' streaming is not tested here on torchao tensors)."""
-        from .text_placement import default_placement, load_text_encoder, module_gib
+        from .text_placement import default_placement, module_gib
 
         if self.device.type != "cuda":
             return "resident"
@@ -511,7 +511,7 @@ class Generator:
             self.pipe.text_encoder = None
             self._prompt_cache.clear()
             free_after_failure(self.device)
-            self.pipe.text_encoder = load_text_encoder(self.resolve_source(), self.dtype)
+            self.pipe.text_encoder = models.load_text_encoder(self.resolve_source(), self.dtype)
         pinned_transformer = module_gib(self.pipe.transformer) if mode == "stream" else 0.0  # made after this
         return default_placement(mode, self.device, module_gib(self.pipe.text_encoder), pinned_transformer)
 

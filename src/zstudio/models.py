@@ -245,6 +245,16 @@ def load_transformer(source: ModelSource, dtype: torch.dtype):
         return ZImageTransformer2DModel.from_pretrained(source.path, subfolder="transformer", dtype=dtype)
 
 
+def load_text_encoder(source: ModelSource, dtype: torch.dtype):
+    """The text encoder alone, in bf16 from the model's folder (after int8 weights must give way to streamed ones);
+    its class is the one the folder's model_index.json names (transformers' Qwen3Model for Z-Image)."""
+    import transformers
+
+    _library, name = json.loads((source.path / "model_index.json").read_text())["text_encoder"]
+    with quiet_loading(source.embedded):
+        return getattr(transformers, name).from_pretrained(source.path, subfolder="text_encoder", dtype=dtype)
+
+
 _hashes: dict[tuple[str, int, int], str] = {}
 
 

@@ -70,9 +70,9 @@ def host_available_bytes() -> int | None:
 
 def int8_available() -> bool:
     """torchao is an optional extra (`zstudio[fp8]`): without it the 8-bit text encoder is not offered."""
-    import importlib.util
+    from .memory import installed
 
-    return importlib.util.find_spec("torchao") is not None
+    return installed("torchao")
 
 
 def choose_text_placement(mode: str, device: torch.device, free_bytes: int | None, mode_needs_gib: float,
@@ -127,20 +127,6 @@ def quantize_text_encoder_8bit(text_encoder: torch.nn.Module, device: torch.devi
     text_encoder.to(device)
     text_encoder._zstudio_8bit = "int8 weight-only"
     log.info("text encoder linears quantized to int8 weight-only on %s", device)
-
-
-def load_text_encoder(source, dtype: torch.dtype) -> torch.nn.Module:
-    """The text encoder alone, in bf16 from the model's folder (after int8 weights must give way to streamed ones);
-    its class is the one the folder's model_index.json names (transformers' Qwen3Model for Z-Image)."""
-    import json
-
-    import transformers
-
-    from .models import quiet_loading
-
-    _library, name = json.loads((source.path / "model_index.json").read_text())["text_encoder"]
-    with quiet_loading(source.embedded):
-        return getattr(transformers, name).from_pretrained(source.path, subfolder="text_encoder", dtype=dtype)
 
 
 def place_text_encoder(text_encoder: torch.nn.Module, placement: str, device: torch.device) -> None:
