@@ -74,6 +74,11 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 }
 
 
+def preprocessor_choices() -> list[str]:
+    """The control types a UI offers: the preprocessors that can run here, then "none" (a ready control image)."""
+    return [name for name, pre in PREPROCESSORS.items() if pre.run is not None] + ["none"]
+
+
 # ------------------------------------------------------------------------------------------ weights
 @dataclass(frozen=True)
 class ControlNetSource:

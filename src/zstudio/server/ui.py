@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .. import edit, upscale
+from .. import control, edit, upscale
 from ..models import Profile
 from ..outputs import read_metadata
 from ..params import (
@@ -502,7 +502,6 @@ def result_panel(profile: Profile, prefix: str, progress_id: str, gallery_id: st
 
 
 # ------------------------------------------------------------------------ the ControlNet panel (zstudio.control)
-CONTROL_CHOICES = ("canny", "none")  # a picture to find edges in, or a ready control map
 
 
 @dataclass
@@ -533,7 +532,7 @@ def control_panel(loaded: bool) -> ControlPanel:
                              elem_id="control-image")  # fmt: skip
             preview = gr.Image(label=I18N("control_preview"), interactive=False, elem_id="control-preview")
         with gr.Row(visible=loaded):
-            kind = gr.Dropdown(list(CONTROL_CHOICES), value="canny", label=I18N("control_type"),
+            kind = gr.Dropdown(control.preprocessor_choices(), value="canny", label=I18N("control_type"),
                                info=I18N("control_type_info"), elem_id="control-type")  # fmt: skip
             scale = gr.Slider(0, 2, value=DEFAULT_CONTROL_SCALE, step=0.05, label=I18N("control_scale"),
                               elem_id="control-scale")  # fmt: skip
