@@ -168,15 +168,17 @@ def zstudio_mode(folder: Path, mode: str, calls: int, out: Path, references, swe
 
     if sweep:
         before = compile_count()
-        firsts = {}
+        firsts, graphs = {}, {}
         sizes = offered_sizes(generator.profile)
         shapes = [(w, h, 1) for w, h in sizes] + [(w, h, n) for w, h in sizes[:2] for n in (2, 3, 4)]
         for w, h, n in shapes:
             sync()
-            t0 = time.perf_counter()
+            t0, count = time.perf_counter(), compile_count()
             generator.generate(prompt=prompts(), width=w, height=h, num_images=n, seed=1)
             firsts[f"{w}x{h}x{n}"] = time.perf_counter() - t0
+            graphs[f"{w}x{h}x{n}"] = compile_count() - count
         report["first_call_after_warmup_s"] = firsts
+        report["graphs_compiled_per_shape"] = {k: v for k, v in graphs.items() if v}
         report["graphs_compiled_during_sweep"] = compile_count() - before
         worst = max(firsts, key=firsts.get)
         print(f"  zstudio {mode}: sweep of {len(firsts)} shapes, worst {worst} {firsts[worst]:.2f} s, "
@@ -265,8 +267,11 @@ def start_once(folder: Path, mode: str) -> None:
     warmed = time.perf_counter()
     generator.generate(prompt=BASE_PROMPT + ", first image", width=SIZE[0], height=SIZE[1], seed=0)
     done = time.perf_counter()
+    from torch._dynamo.utils import compile_times  # private, bench only: where the warm-up's seconds went
+
     print(json.dumps({"import_s": imported - START, "load_s": loaded - imported, "warmup_s": warmed - loaded,
-                      "first_image_s": done - warmed, "start_to_first_image_s": done - START}), flush=True)  # fmt: skip
+                      "first_image_s": done - warmed, "start_to_first_image_s": done - START,
+                      "compile_times": compile_times(repr="str")[:4000]}), flush=True)  # fmt: skip
 
 
 def startup_command(args: argparse.Namespace) -> dict[str, Any]:
