@@ -9,6 +9,9 @@ history's selected entry, can be sent to the edit tabs; "Use these settings" on 
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -519,7 +522,7 @@ class ControlPanel:
     start: gr.Slider
     end: gr.Slider
     preview_button: gr.Button
-    preview: gr.Image
+    preview: gr.HTML  # `preview_html`'s inline picture
 
     @property
     def controls(self) -> list[gr.components.Component]:
@@ -534,7 +537,7 @@ def control_panel(loaded: bool, prefix: str = "") -> ControlPanel:
         with gr.Row(visible=loaded):
             image = gr.Image(type="filepath", label=I18N("control_image"), sources=["upload", "clipboard"],
                              elem_id=f"{prefix}control-image")  # fmt: skip
-            preview = gr.Image(label=I18N("control_preview"), interactive=False, elem_id=f"{prefix}control-preview")
+            preview = gr.HTML(label=I18N("control_preview"), show_label=True, elem_id=f"{prefix}control-preview")
         with gr.Row(visible=loaded):
             kind = gr.Dropdown(control.preprocessor_choices(), value="canny", label=I18N("control_type"),
                                info=I18N("control_type_info"), elem_id=f"{prefix}control-type")  # fmt: skip
@@ -562,6 +565,17 @@ def checked_control(studio: Studio, params: GenerationParams) -> GenerationParam
     """Refuse a bad control request (no ControlNet, unreadable picture) before it is queued."""
     studio.queue.generator.validate_control(params)
     return params
+
+
+def preview_html(image: Image.Image, lang: str) -> str:
+    """A control preview as an inline PNG (a data URL): Gradio's file route serves only the generated outputs'
+    names (`guard.AccessGuard`), so a picture the UI makes on the fly would not show through it."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    caption = html.escape(f"{text(lang, 'control_preview')} · {image.width}x{image.height}")
+    return (f'<figure style="margin:0"><img src="data:image/png;base64,{data}" alt="{caption}" '
+            f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>')  # fmt: skip
 
 
 def control_preview(studio: Studio, lang: str, image: str | None, kind: str, width: float, height: float
@@ -606,17 +620,21 @@ def edit_control_preview(studio: Studio, lang: str, image: str | None, kind: str
     return control_preview(studio, lang, image, kind, *size)
 
 
-def control_values(params: dict[str, Any] | None, lang: str = "en") -> list[Any]:
+def control_values(studio: Studio, params: dict[str, Any] | None, lang: str = "en") -> list[Any]:
     """A recipe's control fields as a panel's values (picture, type, strength, start, end), so sending or reusing a
-    controlled result re-makes it; a recipe without control clears the panel. The type is the preprocessor that ran,
-    or "none" for a ready control map (the same pixels; the UI records such a map's type as none). A control picture
-    no longer on disk is a warning and an empty picture."""
+    controlled result re-makes it; a recipe without control clears the panel. The picture is found by its name in
+    this server's inputs or outputs folder (never by a path a file's metadata names); one not there any more is a
+    warning and an empty picture. The type is the preprocessor that ran, or "none" for a ready control map (the same
+    pixels; the UI records such a map's type as none)."""
     p = params or {}
     if not p.get("control"):
         return [None, "canny", DEFAULT_CONTROL_SCALE, 0.0, 1.0]
-    picture = p["control"] if Path(p["control"]).is_file() else None
-    if picture is None:
-        gr.Warning(text(lang, "control_gone", control=Path(p["control"]).name))
+    name = Path(str(p["control"])).name
+    try:
+        picture = studio.inputs.resolve("control", name)
+    except ParamError:
+        gr.Warning(text(lang, "control_gone", control=name))
+        picture = None
     preprocess = p.get("control_preprocess")
     kind = preprocess if isinstance(preprocess, str) else p.get("control_type") if preprocess else None
     return [picture, kind or "none", p.get("control_scale", DEFAULT_CONTROL_SCALE), p.get("control_start", 0.0),
@@ -747,7 +765,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
         run_btn.click(generate, [*recipe.controls, width, height, *control.controls, *recipe.loras], follows(panel))
 
         def preview_control(request: gr.Request, c_image, c_kind, w, h):
-            return control_preview(studio, language(request), c_image, c_kind, w, h)
+            lang = language(request)
+            return preview_html(control_preview(studio, lang, c_image, c_kind, w, h), lang)
 
         control.preview_button.click(preview_control, [control.image, control.kind, width, height], control.preview)
 
@@ -771,7 +790,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 size = edit_output_size(source_size(image), w, h)
             except ParamError as err:
                 raise gr.Error(error_message(lang, err)) from None
-            return edit_control_preview(studio, lang, c_image, c_kind, size)
+            return preview_html(edit_control_preview(studio, lang, c_image, c_kind, size), lang)
 
         i2i_control.preview_button.click(preview_img2img_control, [i2i_image, i2i_width, i2i_height,
                                          i2i_control.image, i2i_control.kind], i2i_control.preview)  # fmt: skip
@@ -798,7 +817,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
             background = (value or {}).get("background")
             canvas = background.size if background is not None else None
             size = edit_output_size(canvas, w, h, dict(zip(OUTPAINT_SIDES, (left, right, top, bottom))))
-            return edit_control_preview(studio, language(request), c_image, c_kind, size)
+            lang = language(request)
+            return preview_html(edit_control_preview(studio, lang, c_image, c_kind, size), lang)
 
         inp_control.preview_button.click(preview_inpaint_control, [editor, inp_width, inp_height, *outpaint,
                                          inp_control.image, inp_control.kind], inp_control.preview)  # fmt: skip
@@ -836,7 +856,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
         def sent_control(path: str, request: gr.Request) -> list[Any]:
             """The sent file's control into the receiving tab's panel (unchanged when the file has no recipe)."""
             recipe = recipe_of(path)
-            return control_values(recipe, language(request)) if recipe else [gr.update()] * 5
+            return control_values(studio, recipe, language(request)) if recipe else [gr.update()] * 5
 
         def to_img2img(path, request: gr.Request):
             path = source(path, request)
@@ -930,7 +950,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 p["width"],
                 p["height"],
                 *lora_rows(p.get("loras")),
-                *control_values(p, lang),
+                *control_values(studio, p, lang),
                 *[gr.update()] * len(upscale_controls),
                 gr.Tabs(selected="generate"),
             )
