@@ -25,7 +25,7 @@ from zstudio.control import sha256_png
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
-from zstudio.server.ui import build_ui
+from zstudio.server.ui import build_ui, control_values
 from zstudio.tiny import CONTROLNET_FOLDER
 
 VALUES = {"prompt": "a red circle", "negative": "", "seed": 5, "steps": 2, "width": 128, "height": 128}  # by elem_id
@@ -253,6 +253,20 @@ def test_sending_or_reusing_a_controlled_result_keeps_its_control(served, pictur
     assert read_metadata(last[5][0])["control"] == read_metadata(controlled_edit)["control"]
     plain = call(demo, "generate", VALUES)[5][0]  # a recipe without control clears the panel's picture
     assert panel(sent(demo, "to_img2img", plain), "img2img-")[0] is None
+
+
+def test_a_recipes_control_picture_is_found_by_name_only(served, tmp_path):
+    """A sent file's metadata names its control picture; the panel takes it only from this server's folders, by its
+    name: a picture gone, or a path elsewhere (a crafted PNG's), leaves the picture empty and keeps the settings."""
+    _, studio, _ = served
+    elsewhere = tmp_path / "elsewhere.png"
+    Image.new("RGB", (64, 64)).save(elsewhere)
+    recipe = {"control_type": "none", "control_scale": 1.25, "control_start": 0.0, "control_end": 0.5}
+    for named in ("0" * 64 + ".png", str(elsewhere)):
+        with pytest.warns(UserWarning, match="is no longer here"):
+            values = control_values(studio, {**recipe, "control": named})
+        assert values == [None, "none", 1.25, 0.0, 0.5]
+    assert control_values(studio, {"prompt": "x"})[0] is None  # no control: the panel is cleared
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")

@@ -1,10 +1,11 @@
 """The web UI (Gradio Blocks), a thin layer over the same job queue as the HTTP API.
 
 Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. The job tabs share one recipe block (steps,
-CFG, seed, images and a LoRA accordion of the LoRA folder's files). Edits go through the job queue like
-generations (so they are in the history, saved with their recipe); upscaling goes through `Studio.run_upscale` (the
-generator's lock, in the handler's thread; recorded in the history as a done entry). Every result gallery, and the
-history's selected entry, can be sent to the edit tabs; "Use these settings" on an upscale fills the Upscale tab.
+CFG, seed, images and a LoRA accordion of the LoRA folder's files) and one ControlNet panel (`control_panel`, built
+per tab). Edits go through the job queue like generations (so they are in the history, saved with their recipe);
+upscaling goes through `Studio.run_upscale` (the generator's lock, in the handler's thread; recorded in the history
+as a done entry). Every result gallery, and the history's selected entry, can be sent to the edit tabs with its
+recipe, control included; "Use these settings" on an upscale fills the Upscale tab.
 """
 
 from __future__ import annotations
