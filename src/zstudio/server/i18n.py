@@ -165,7 +165,7 @@ TEXTS: dict[str, tuple[str, str]] = {
         "The source {source} is no longer here: the Upscale tab has the settings; add the picture.",
         "来源 {source} 已不在：放大页已填入设置，请添加图片。",
     ),
-    # The ControlNet panel of the Generate tab (zstudio.control).
+    # The ControlNet panel of the job tabs: Generate, Image to image, Inpaint / Outpaint (zstudio.control).
     "controlnet": ("ControlNet", "ControlNet 控制"),
     "no_controlnet": (
         "No ControlNet is loaded: start the studio with `--controlnet SPEC` (or ZSTUDIO_CONTROLNET) to use one.",
@@ -183,6 +183,10 @@ TEXTS: dict[str, tuple[str, str]] = {
     "preview_control": ("Preview control image", "预览控制图"),
     "control_preview": ("Control image as the model sees it", "模型看到的控制图"),
     "no_control_image": ("Add a control picture first.", "请先添加控制图。"),
+    "control_gone": (
+        "The control picture {control} is no longer here: the other control settings are filled; add the picture.",
+        "控制图 {control} 已不在：其余控制设置已填入，请添加图片。",
+    ),
     # Before an error the engine or the queue wrote (in English, naming the field and the value).
     "invalid": ("Invalid input: {error}", "输入有误：{error}"),
     "busy": ("The queue is full: {error}", "队列已满：{error}"),

@@ -1,14 +1,18 @@
 """The web UI (Gradio Blocks), a thin layer over the same job queue as the HTTP API.
 
 Tabs: Generate, Image to image, Inpaint / Outpaint, Upscale and History. The job tabs share one recipe block (steps,
-CFG, seed, images and a LoRA accordion of the LoRA folder's files). Edits go through the job queue like
-generations (so they are in the history, saved with their recipe); upscaling goes through `Studio.run_upscale` (the
-generator's lock, in the handler's thread; recorded in the history as a done entry). Every result gallery, and the
-history's selected entry, can be sent to the edit tabs; "Use these settings" on an upscale fills the Upscale tab.
+CFG, seed, images and a LoRA accordion of the LoRA folder's files) and one ControlNet panel (`control_panel`, built
+per tab). Edits go through the job queue like generations (so they are in the history, saved with their recipe);
+upscaling goes through `Studio.run_upscale` (the generator's lock, in the handler's thread; recorded in the history
+as a done entry). Every result gallery, and the history's selected entry, can be sent to the edit tabs with its
+recipe, control included; "Use these settings" on an upscale fills the Upscale tab.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,8 +28,12 @@ from ..models import Profile
 from ..outputs import read_metadata
 from ..params import (
     ASPECT_RATIOS,
+    DEFAULT_CONTROL_SCALE,
     DEFAULT_MASK_BLUR,
+    MAX_CONTROL_SCALE,
     MAX_IMAGES,
+    MAX_INPUT_BYTES,
+    MAX_INPUT_PIXELS,
     MAX_MASK_BLUR,
     MAX_SEED,
     MAX_SIDE,
@@ -506,7 +514,8 @@ def result_panel(profile: Profile, prefix: str, progress_id: str, gallery_id: st
 
 @dataclass
 class ControlPanel:
-    """The Generate tab's ControlNet accordion; `controls` are the handler's inputs, in order."""
+    """A job tab's ControlNet accordion; `controls` are the handlers' inputs, in order (what `control_fields` takes,
+    and what `control_values` restores)."""
 
     image: gr.Image
     kind: gr.Dropdown
@@ -514,32 +523,32 @@ class ControlPanel:
     start: gr.Slider
     end: gr.Slider
     preview_button: gr.Button
-    preview: gr.Image
+    preview: gr.HTML  # `preview_html`'s inline picture
 
     @property
     def controls(self) -> list[gr.components.Component]:
         return [self.image, self.kind, self.scale, self.start, self.end]
 
 
-def control_panel(loaded: bool) -> ControlPanel:
-    """The accordion: without a loaded ControlNet only a one-line note says how to start with one."""
-    from ..params import DEFAULT_CONTROL_SCALE
-
-    with gr.Accordion(I18N("controlnet"), open=False, elem_id="controlnet"):
-        gr.Markdown(I18N("no_controlnet"), visible=not loaded, elem_id="controlnet-note")
+def control_panel(loaded: bool, prefix: str = "") -> ControlPanel:
+    """The accordion, built once per job tab (`prefix` keeps its elem_ids apart): without a loaded ControlNet only a
+    one-line note says how to start with one."""
+    with gr.Accordion(I18N("controlnet"), open=False, elem_id=f"{prefix}controlnet"):
+        gr.Markdown(I18N("no_controlnet"), visible=not loaded, elem_id=f"{prefix}controlnet-note")
         with gr.Row(visible=loaded):
             image = gr.Image(type="filepath", label=I18N("control_image"), sources=["upload", "clipboard"],
-                             elem_id="control-image")  # fmt: skip
-            preview = gr.Image(label=I18N("control_preview"), interactive=False, elem_id="control-preview")
+                             elem_id=f"{prefix}control-image")  # fmt: skip
+            preview = gr.HTML(label=I18N("control_preview"), show_label=True, elem_id=f"{prefix}control-preview")
         with gr.Row(visible=loaded):
             kind = gr.Dropdown(control.preprocessor_choices(), value="canny", label=I18N("control_type"),
-                               info=I18N("control_type_info"), elem_id="control-type")  # fmt: skip
-            scale = gr.Slider(0, 2, value=DEFAULT_CONTROL_SCALE, step=0.05, label=I18N("control_scale"),
-                              elem_id="control-scale")  # fmt: skip
+                               info=I18N("control_type_info"), elem_id=f"{prefix}control-type")  # fmt: skip
+            scale = gr.Slider(0, MAX_CONTROL_SCALE, value=DEFAULT_CONTROL_SCALE, step=0.05,
+                              label=I18N("control_scale"), elem_id=f"{prefix}control-scale")  # fmt: skip
         with gr.Row(visible=loaded):
-            start = gr.Slider(0, 1, value=0, step=0.05, label=I18N("control_start"), elem_id="control-start")
-            end = gr.Slider(0, 1, value=1, step=0.05, label=I18N("control_end"), elem_id="control-end")
-        preview_button = gr.Button(I18N("preview_control"), size="sm", visible=loaded, elem_id="control-preview-btn")
+            start = gr.Slider(0, 1, value=0, step=0.05, label=I18N("control_start"), elem_id=f"{prefix}control-start")
+            end = gr.Slider(0, 1, value=1, step=0.05, label=I18N("control_end"), elem_id=f"{prefix}control-end")
+        preview_button = gr.Button(I18N("preview_control"), size="sm", visible=loaded,
+                                   elem_id=f"{prefix}control-preview-btn")  # fmt: skip
     return ControlPanel(image, kind, scale, start, end, preview_button, preview)
 
 
@@ -559,6 +568,17 @@ def checked_control(studio: Studio, params: GenerationParams) -> GenerationParam
     return params
 
 
+def preview_html(image: Image.Image, lang: str) -> str:
+    """A control preview as an inline PNG (a data URL): Gradio's file route serves only the generated outputs'
+    names (`guard.AccessGuard`), so a picture the UI makes on the fly would not show through it."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    caption = html.escape(f"{text(lang, 'control_preview')} · {image.width}x{image.height}")
+    return (f'<figure style="margin:0"><img src="data:image/png;base64,{data}" alt="{caption}" '
+            f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>')  # fmt: skip
+
+
 def control_preview(studio: Studio, lang: str, image: str | None, kind: str, width: float, height: float
                     ) -> Image.Image:  # fmt: skip
     """The control image the model will get at this size: fitted (cover, centre-crop) and preprocessed."""
@@ -572,6 +592,56 @@ def control_preview(studio: Studio, lang: str, image: str | None, kind: str, wid
         raise gr.Error(error_message(lang, err)) from None
 
 
+def edit_output_size(canvas: tuple[int, int] | None, width: float, height: float,
+                     outpaint: dict[str, Any] | None = None) -> tuple[int, int] | None:  # fmt: skip
+    """The size an edit tab's job draws at, which its control preview fits to: `edit.output_size` of the source's
+    canvas (plus any outpaint; width or height 0: the canvas'). Without a source, the sliders' size when both are
+    set, else None."""
+    if canvas is None:
+        return (int(width), int(height)) if width and height else None
+    sides = {side: int(px or 0) for side, px in (outpaint or {}).items()}
+    grown = (canvas[0] + sides.get("left", 0) + sides.get("right", 0), canvas[1] + sides.get("top", 0)
+             + sides.get("bottom", 0))  # fmt: skip
+    return edit.output_size(grown, int(width or 0) or None, int(height or 0) or None)
+
+
+def source_size(path: str | None) -> tuple[int, int] | None:
+    """An edit source's size as the job reads it (EXIF orientation applied), or None without one; a file that is
+    not a picture is refused in one line (`ParamError`), as the job would refuse it."""
+    if not path:
+        return None
+    return edit.read_image("image", path, MAX_INPUT_PIXELS, MAX_INPUT_BYTES)[0].size
+
+
+def edit_control_preview(studio: Studio, lang: str, image: str | None, kind: str, size: tuple[int, int] | None
+                         ) -> Image.Image:  # fmt: skip
+    """An edit tab's preview: the control image fitted to the edit's output size (`edit_output_size`)."""
+    if size is None:
+        raise gr.Error(text(lang, "no_image"))
+    return control_preview(studio, lang, image, kind, *size)
+
+
+def control_values(studio: Studio, params: dict[str, Any] | None, lang: str = "en") -> list[Any]:
+    """A recipe's control fields as a panel's values (picture, type, strength, start, end), so sending or reusing a
+    controlled result re-makes it; a recipe without control clears the panel. The picture is found by its name in
+    this server's inputs or outputs folder (never by a path a file's metadata names); one not there any more is a
+    warning and an empty picture. The type is the preprocessor that ran, or "none" for a ready control map (the same
+    pixels; the UI records such a map's type as none)."""
+    p = params or {}
+    if not p.get("control"):
+        return [None, "canny", DEFAULT_CONTROL_SCALE, 0.0, 1.0]
+    name = Path(str(p["control"])).name
+    try:
+        picture = studio.inputs.resolve("control", name)
+    except ParamError:
+        gr.Warning(text(lang, "control_gone", control=name))
+        picture = None
+    preprocess = p.get("control_preprocess")
+    kind = preprocess if isinstance(preprocess, str) else p.get("control_type") if preprocess else None
+    return [picture, kind or "none", p.get("control_scale", DEFAULT_CONTROL_SCALE), p.get("control_start", 0.0),
+            p.get("control_end", 1.0)]  # fmt: skip
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     queue = studio.queue
     generator = queue.generator
@@ -579,6 +649,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     aspects = {name: size for name, size in ASPECT_RATIOS.items() if max(size) <= profile.max_side}
     upscalers = [upscale.LANCZOS, *upscale.find_upscalers(generator.settings.upscalers)]
     lora_names = lora_choices(studio)
+    controlled = generator.controlnet_spec is not None  # the job tabs' ControlNet panels, or their one-line note
 
     with gr.Blocks(title="zstudio") as demo:
         gr.Markdown(f"# zstudio — {generator.resolve_source().label}")  # the model that runs
@@ -600,7 +671,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
                         recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
-                        control = control_panel(generator.controlnet_spec is not None)
+                        control = control_panel(controlled)
                         run_btn, cancel_btn = run_buttons("generate", "generate")
                     with gr.Column(scale=3):
                         panel = result_panel(profile, "generate-", "zstudio-progress", "result")
@@ -615,6 +686,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  elem_id="img2img-strength")  # fmt: skip
                         i2i_width, i2i_height = edit_size_controls(profile, "img2img-")
                         i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed, lora_names)
+                        i2i_control = control_panel(controlled, "img2img-")
                         i2i_run, i2i_cancel = run_buttons("run_edit", "img2img-run")
                     with gr.Column(scale=3):
                         i2i_panel = result_panel(profile, "img2img-", "img2img-progress", "img2img-result")
@@ -644,6 +716,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                   label=I18N("mask_blur"))  # fmt: skip
                         inp_width, inp_height = edit_size_controls(profile, "inpaint-")
                         inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed, lora_names)
+                        inp_control = control_panel(controlled, "inpaint-")
                         inp_run, inp_cancel = run_buttons("run_edit", "inpaint-run")
                     with gr.Column(scale=3):
                         inp_panel = result_panel(profile, "inpaint-", "inpaint-progress", "inpaint-result")
@@ -693,23 +766,38 @@ def build_ui(studio: Studio) -> gr.Blocks:
         run_btn.click(generate, [*recipe.controls, width, height, *control.controls, *recipe.loras], follows(panel))
 
         def preview_control(request: gr.Request, c_image, c_kind, w, h):
-            return control_preview(studio, language(request), c_image, c_kind, w, h)
+            lang = language(request)
+            return preview_html(control_preview(studio, lang, c_image, c_kind, w, h), lang)
 
         control.preview_button.click(preview_control, [control.image, control.kind, width, height], control.preview)
 
-        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, hidden, *loras):
+        def image_to_image(request: gr.Request, p, neg, n_steps, g, s, n, image, strength, w, h, c_image, c_kind,
+                           c_scale, c_start, c_end, hidden, *loras):  # fmt: skip
             lang = language(request)
             if not image:
                 raise gr.Error(text(lang, "no_image"))
             fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
-            make = lambda: edit_request(studio, fields, image, None, strength, w, h)  # noqa: E731
+            fields.update(control_fields(studio, c_image, c_kind, c_scale, c_start, c_end))
+            make = lambda: checked_control(studio, edit_request(studio, fields, image, None, strength, w, h))  # noqa: E731
             yield from run_job(studio, lang, make, "img2img-progress")
 
-        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, i2i_hidden, *i2i.loras]
+        i2i_inputs = [*i2i.controls, i2i_image, i2i_strength, i2i_width, i2i_height, *i2i_control.controls,
+                      i2i_hidden, *i2i.loras]  # fmt: skip
         i2i_run.click(image_to_image, i2i_inputs, follows(i2i_panel))
 
+        def preview_img2img_control(request: gr.Request, image, w, h, c_image, c_kind):
+            lang = language(request)
+            try:
+                size = edit_output_size(source_size(image), w, h)
+            except ParamError as err:
+                raise gr.Error(error_message(lang, err)) from None
+            return preview_html(edit_control_preview(studio, lang, c_image, c_kind, size), lang)
+
+        i2i_control.preview_button.click(preview_img2img_control, [i2i_image, i2i_width, i2i_height,
+                                         i2i_control.image, i2i_control.kind], i2i_control.preview)  # fmt: skip
+
         def inpaint(request: gr.Request, p, neg, n_steps, g, s, n, value, strength, w, h, blur, left, right, top,
-                    bottom, hidden, *loras):  # fmt: skip
+                    bottom, c_image, c_kind, c_scale, c_start, c_end, hidden, *loras):  # fmt: skip
             lang = language(request)
             if not value or value.get("background") is None:
                 raise gr.Error(text(lang, "no_image"))
@@ -717,11 +805,24 @@ def build_ui(studio: Studio) -> gr.Blocks:
             if painted_mask(value.get("layers")) is None and not any(extend.values()):
                 raise gr.Error(text(lang, "paint_mask"))
             fields = with_hidden({**recipe_fields(p, neg, n_steps, g, s, n), "loras": lora_pairs(loras)}, hidden)
-            make = lambda: inpaint_request(studio, fields, value, strength, w, h, extend, blur)  # noqa: E731
+            fields.update(control_fields(studio, c_image, c_kind, c_scale, c_start, c_end))
+            make = lambda: checked_control(  # noqa: E731
+                studio, inpaint_request(studio, fields, value, strength, w, h, extend, blur)
+            )
             yield from run_job(studio, lang, make, "inpaint-progress")
 
-        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint, inp_hidden,
-                      *inp.loras]  # fmt: skip
+        inp_inputs = [*inp.controls, editor, inp_strength, inp_width, inp_height, mask_blur, *outpaint,
+                      *inp_control.controls, inp_hidden, *inp.loras]  # fmt: skip
+
+        def preview_inpaint_control(request: gr.Request, value, w, h, left, right, top, bottom, c_image, c_kind):
+            background = (value or {}).get("background")
+            canvas = background.size if background is not None else None
+            size = edit_output_size(canvas, w, h, dict(zip(OUTPAINT_SIDES, (left, right, top, bottom))))
+            lang = language(request)
+            return preview_html(edit_control_preview(studio, lang, c_image, c_kind, size), lang)
+
+        inp_control.preview_button.click(preview_inpaint_control, [editor, inp_width, inp_height, *outpaint,
+                                         inp_control.image, inp_control.kind], inp_control.preview)  # fmt: skip
         i2i_image.upload(dict, None, i2i_hidden)  # a new picture: no sent recipe's hidden fields
         editor.upload(dict, None, inp_hidden)
         inp_run.click(inpaint, inp_inputs, follows(inp_panel))
@@ -753,14 +854,21 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 raise gr.Error(text(language(request), "select_first"))
             return path
 
+        def sent_control(path: str, request: gr.Request) -> list[Any]:
+            """The sent file's control into the receiving tab's panel (unchanged when the file has no recipe)."""
+            recipe = recipe_of(path)
+            return control_values(studio, recipe, language(request)) if recipe else [gr.update()] * 5
+
         def to_img2img(path, request: gr.Request):
             path = source(path, request)
-            return [path, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="img2img")]
+            return [path, *recipe_updates(path), *sent_control(path, request), hidden_fields(recipe_of(path)),
+                    gr.Tabs(selected="img2img")]  # fmt: skip
 
         def to_inpaint(path, request: gr.Request):
             path = source(path, request)
             value = {"background": path, "layers": [], "composite": path}
-            return [value, *recipe_updates(path), hidden_fields(recipe_of(path)), gr.Tabs(selected="inpaint")]
+            return [value, *recipe_updates(path), *sent_control(path, request), hidden_fields(recipe_of(path)),
+                    gr.Tabs(selected="inpaint")]  # fmt: skip
 
         def to_upscale(path, request: gr.Request):
             return source(path, request), 2.0, gr.Tabs(selected="upscale")
@@ -773,22 +881,23 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 raise gr.Error(error_message(language(request), err)) from None
             recipe_values = [p.prompt, p.negative_prompt, p.num_inference_steps, p.cfg_scale, p.seed, 1]
             hidden = hidden_fields(p)  # the rest of the draft's recipe, which no control shows
-            return [path, *recipe_values, p.width, p.height, p.strength, *lora_rows(p.loras), hidden,
-                    gr.Tabs(selected="img2img")]  # fmt: skip
+            # The draft's control (`refine_request` leaves it out) guides the larger picture too, fitted to its size.
+            return [path, *recipe_values, p.width, p.height, p.strength, *sent_control(path, request),
+                    *lora_rows(p.loras), hidden, gr.Tabs(selected="img2img")]  # fmt: skip
 
         i2i_recipe, inp_recipe = [*i2i.controls[:5], *i2i.loras], [*inp.controls[:5], *inp.loras]
+        rerender_outputs = [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i_control.controls,
+                            *i2i.loras, i2i_hidden, tabs]  # fmt: skip
         senders = [(r.chosen, r.sends) for r in (panel, i2i_panel, inp_panel, up_panel)]
         for chosen, sends in [*senders, (history_chosen, history_sends)]:
-            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, i2i_hidden, tabs])
-            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, inp_hidden, tabs])
+            sends.img2img.click(to_img2img, chosen, [i2i_image, *i2i_recipe, *i2i_control.controls, i2i_hidden, tabs])
+            sends.inpaint.click(to_inpaint, chosen, [editor, *inp_recipe, *inp_control.controls, inp_hidden, tabs])
             sends.upscale2.click(to_upscale, chosen, [up_image, up_scale, tabs]).success(
                 run_upscale, [up_image, up_scale, up_model, up_refine], up_outputs
             )
-            sends.rerender.click(
-                to_rerender,
-                chosen,
-                [i2i_image, *i2i.controls, i2i_width, i2i_height, i2i_strength, *i2i.loras, i2i_hidden, tabs],
-            ).success(image_to_image, i2i_inputs, follows(i2i_panel))
+            sends.rerender.click(to_rerender, chosen, rerender_outputs).success(
+                image_to_image, i2i_inputs, follows(i2i_panel)
+            )
 
         def load_history(page_number, request: gr.Request):
             lang = language(request)
@@ -820,7 +929,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return record, record_text(record, language(request), file_recipe(file)), str(file)
 
         history_gallery.select(select, history_records, [selected, history_info, history_chosen])
-        generate_controls = [*recipe.controls, width, height, *recipe.loras]
+        generate_controls = [*recipe.controls, width, height, *recipe.loras, *control.controls]
         upscale_controls = [up_image, up_scale, up_model, up_refine]
 
         def use(record: dict[str, Any] | None, request: gr.Request):
@@ -842,6 +951,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 p["width"],
                 p["height"],
                 *lora_rows(p.get("loras")),
+                *control_values(studio, p, lang),
                 *[gr.update()] * len(upscale_controls),
                 gr.Tabs(selected="generate"),
             )
