@@ -184,8 +184,13 @@ def test_host_threads_is_capped():
 
 
 def test_bench_smoke(tmp_path):
-    report = bench_main(["--size", "32", "--repeats", "1", "--max-threads", "2", "--json", str(tmp_path / "r.json")])
+    own = tmp_path / "own.png"
+    random_image(20, 10).save(own)
+    args = ["--size", "32", "--repeats", "1", "--max-threads", "2", "--dir", str(tmp_path / "out"), "--image", str(own)]
+    report = bench_main([*args, "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["size"] == "32x32 RGB"
+    assert set(report["results"]) == {"noise-like", "photo-like", "own.png"}
+    assert list((tmp_path / "out").iterdir()) == []  # its files and temporary folder are gone
     for rows in report["results"].values():
         assert rows["pillow level 1"]["bytes"] > 0
         assert rows["parallel level 1 zlib, 2 threads"]["seconds"] > 0

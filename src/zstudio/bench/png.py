@@ -4,6 +4,9 @@ noise-like and a photo-like picture (1024x1024 RGB by default), and the atomic w
     python -m zstudio.bench.png --json OUT                      # the full run (about a minute on 2 cores)
     python -m zstudio.bench.png --size 64 --repeats 1 --json OUT    # the tests' smoke run
 
+`write_file` is timed in a temporary folder inside `--dir` (default: the outputs folder, ZSTUDIO_OUTPUTS), since
+fsync costs what that disk costs; `--image FILE` adds a picture of one's own.
+
 Methods: Pillow's encoder (`Image.save`, its adaptive filter, one core) at zlib levels 0, 1 and 6, and
 zstudio.speed.png's parallel encoder at level 1 with 1, 2, 4, ... threads (one band per thread), deflating with
 `isal` (where installed) and with the stdlib's zlib. Also, per thread count, the filtering alone; and one core's raw
@@ -31,6 +34,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin, features
 
 from ..outputs import write_file
+from ..settings import load_settings
 from ..speed import png
 from .run import emit
 
@@ -144,10 +148,14 @@ def _libraries() -> dict[str, ModuleType | None]:
     return found
 
 
-def run(size: int, repeats: int, max_threads: int, directory: Path | None) -> dict[str, Any]:
+def run(size: int, repeats: int, max_threads: int, directory: Path, images: list[Path]) -> dict[str, Any]:
     threads = thread_counts(max_threads)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".bench-png-") as tmp:
         pictures = {"noise-like": noise_like(size), "photo-like": photo_like(size)}
+        for path in images:
+            with Image.open(path) as image:
+                pictures[path.name] = image.convert("RGB")
         results = {name: measure(image, repeats, threads, Path(tmp)) for name, image in pictures.items()}
     return {
         "benchmark": "png",
@@ -164,7 +172,7 @@ def run(size: int, repeats: int, max_threads: int, directory: Path | None) -> di
             "python zlib": zlib.ZLIB_RUNTIME_VERSION,
             "encoder's deflate": png.deflate_library().__name__,
         },
-        "write_dir": str(directory or tempfile.gettempdir()),
+        "write_dir": str(directory.resolve()),
         "results": results,
     }
 
@@ -175,10 +183,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="timed encodes per method, median reported")
     parser.add_argument("--max-threads", type=int, default=min(os.cpu_count() or 1, 16),
                         help="largest thread count tried (default: the host's cores, at most 16)")  # fmt: skip
-    parser.add_argument("--dir", type=Path, help="where write_file is timed (default: the temporary folder)")
+    parser.add_argument("--dir", type=Path, help="where write_file is timed (default: the outputs folder's disk)")
+    parser.add_argument("--image", type=Path, action="append", default=[], help="also measure this picture")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
-    return emit(run(args.size, args.repeats, args.max_threads, args.dir), args.json)
+    directory = args.dir or load_settings().outputs  # fsync costs what the disk that keeps the pictures costs
+    return emit(run(args.size, args.repeats, args.max_threads, directory, args.image), args.json)
 
 
 if __name__ == "__main__":
