@@ -4,6 +4,8 @@ count, with either deflate library; a damaged band cannot pass; the `pillow` set
 import io
 import json
 import random
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
@@ -90,6 +92,17 @@ def test_odd_sizes_decode_to_pillows_pixels_and_text(library, size, bands):
 def test_1024_rgb_decodes_to_pillows_pixels_and_text(library, bands):
     image = noise_like(1024)
     assert_same_as_pillow(image, png.encode_png(image, TEXTS, bands=bands, threads=bands, library=library))
+
+
+@pytest.mark.skipif(shutil.which("pngcheck") is None, reason="pngcheck is not installed (scripts/test.sh installs it)")
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda m: m.__name__)
+def test_pngcheck_finds_no_error(library, tmp_path):
+    """An independent decoder's checks: chunk CRCs, the zlib stream and its check value, each row's filter type."""
+    for i, (size, bands) in enumerate([((17, 33), 5), ((1, 1), 1), ((300, 257), 8)]):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(png.encode_png(random_image(*size), TEXTS, bands=bands, threads=4, library=library))
+        check = subprocess.run(["pngcheck", "-vv", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0 and "No errors detected" in check.stdout, check.stdout + check.stderr
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
