@@ -60,7 +60,7 @@ def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str, png_encoder
     """Serialise the picture with its parameters embedded (PNG text chunks, or EXIF for JPEG/WebP).
 
     PNGs go through `png_encoder` (default: the `ZSTUDIO_PNG_ENCODER` setting): `parallel` (zstudio.speed.png,
-    ~10x Pillow's time on the call path) or `pillow`; both decode to the same pixels and text."""
+    3-15x faster than Pillow in docs/perf-notes.md) or `pillow`; both decode to the same pixels and text."""
     buffer = io.BytesIO()
     if fmt == "png":
         texts = [(A1111_KEY, a1111_text(meta))] if "params" in meta else []  # a plain upscale has no parameters
@@ -69,7 +69,7 @@ def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str, png_encoder
 
         choice = png_encoder or load_settings().png_encoder
         encoder = check_choice("ZSTUDIO_PNG_ENCODER", choice, ("auto", *png.ENCODERS))
-        if encoder in ("auto", "parallel") and png.supports(image):
+        if (png.DEFAULT_ENCODER if encoder == "auto" else encoder) == "parallel" and png.supports(image):
             return png.encode_png(image, texts)
         info = PngImagePlugin.PngInfo()
         for key, value in texts:
