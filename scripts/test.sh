@@ -9,6 +9,11 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     echo "zstudio: installing chromium for the browser tests" >&2
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# pngcheck: an independent decoder's checks of the PNGs zstudio's own encoder writes (tests/test_png.py).
+if ! command -v pngcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "zstudio: installing pngcheck for the PNG encoder's tests" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pngcheck >/dev/null
+fi
 # CJK and emoji fonts, so the Chinese page's screenshots show characters rather than boxes.
 if ! fc-list 2>/dev/null | grep -qi "Noto Sans CJK" && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "zstudio: installing CJK and emoji fonts for the browser tests" >&2

@@ -12,13 +12,17 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .params import check_choice
+from .settings import load_settings
+
 JSON_KEY = "zstudio"  # PNG text chunk holding the full JSON record
 A1111_KEY = "parameters"  # PNG text chunk in the format other tools (A1111, ComfyUI readers, civitai) read
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_UNICODE = b"UNICODE\x00"
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-# zlib level 1 (Pillow's wheels bundle zlib-ng): a third of level 6's time for files ~10% larger; docs/perf-notes.md.
+# Pillow's path (ZSTUDIO_PNG_ENCODER=pillow, other modes): zlib level 1, a third of level 6's time for files ~10%
+# larger; docs/perf-notes.md.
 PNG_COMPRESS_LEVEL = 1
 
 
@@ -52,14 +56,24 @@ def a1111_text(meta: dict[str, Any]) -> str:
     return f"{prompt}\nNegative prompt: {p['negative_prompt']}\n{line}"
 
 
-def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str) -> bytes:
-    """Serialise the picture with its parameters embedded (PNG text chunks, or EXIF for JPEG/WebP)."""
+def encode_image(image: Image.Image, meta: dict[str, Any], fmt: str, png_encoder: str | None = None) -> bytes:
+    """Serialise the picture with its parameters embedded (PNG text chunks, or EXIF for JPEG/WebP).
+
+    PNGs go through `png_encoder` (default: the `ZSTUDIO_PNG_ENCODER` setting): `parallel` (zstudio.speed.png,
+    3-15x faster than Pillow in docs/perf-notes.md) or `pillow`; both decode to the same pixels and text."""
     buffer = io.BytesIO()
     if fmt == "png":
+        texts = [(A1111_KEY, a1111_text(meta))] if "params" in meta else []  # a plain upscale has no parameters
+        texts.append((JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True)))
+        from .speed import png  # here, not at the top: reading metadata needs no numpy encoder (nor torch)
+
+        choice = png_encoder or load_settings().png_encoder
+        encoder = check_choice("ZSTUDIO_PNG_ENCODER", choice, ("auto", *png.ENCODERS))
+        if (png.DEFAULT_ENCODER if encoder == "auto" else encoder) == "parallel" and png.supports(image):
+            return png.encode_png(image, texts)
         info = PngImagePlugin.PngInfo()
-        if "params" in meta:  # a plain upscale has no generation parameters for other tools to read
-            info.add_itxt(A1111_KEY, a1111_text(meta))
-        info.add_itxt(JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        for key, value in texts:
+            info.add_itxt(key, value)
         image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     else:
         # EXIF text is ASCII: the JSON escapes the rest; UserComment carries UTF-16 as A1111 writes it.

@@ -18,6 +18,7 @@
 | ZSTUDIO_CONTROLNET | ControlNet: hub id, folder or .safetensors (zstudio.control)  | none                        |
 | ZSTUDIO_UPLOAD_TTL | hours an upload that no history entry or job names is kept    | 24                          |
 | ZSTUDIO_UPLOAD_MAX_MB | the uploads folder's cap (oldest unnamed uploads go first) | 2048                        |
+| ZSTUDIO_PNG_ENCODER | auto (= parallel), parallel or pillow (see zstudio.speed.png) | auto                      |
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Settings:
     controlnet: str | None = None
     upload_ttl_hours: float = 24.0
     upload_max_mb: float = 2048.0
+    png_encoder: str = "auto"
 
 
 def load_settings() -> Settings:
@@ -74,6 +76,7 @@ def load_settings() -> Settings:
         controlnet=os.environ.get("ZSTUDIO_CONTROLNET") or None,
         upload_ttl_hours=_positive_number("ZSTUDIO_UPLOAD_TTL", 24.0),
         upload_max_mb=_positive_number("ZSTUDIO_UPLOAD_MAX_MB", 2048.0),
+        png_encoder=os.environ.get("ZSTUDIO_PNG_ENCODER") or "auto",
     )
 
 
