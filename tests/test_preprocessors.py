@@ -92,9 +92,7 @@ def request(path, kind):
     return GenerationParams(prompt="x", control=str(path), control_type=kind, control_preprocess=True)
 
 
-def test_depth_map_is_transformers_depth_at_the_output_size_in_three_equal_channels(
-    monkeypatch, picture, depth_folder
-):
+def test_depth_map_is_transformers_depth_at_the_output_size_in_three_equal_channels(monkeypatch, picture, depth_folder):
     settings = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL=depth_folder)
     got = control.validate(request(picture, "depth"), UNION, WIDTH, HEIGHT, settings=settings)
     ours = np.asarray(got.image)
@@ -126,9 +124,7 @@ def test_a_loaded_net_serves_the_next_request_without_reloading(monkeypatch, pic
     assert ("depth", str(depth_folder)) in preprocessors._LOADED
 
 
-def test_missing_depth_weights_are_refused_in_one_line_before_anything_loads(
-    monkeypatch, tiny_dir, picture, tmp_path
-):
+def test_missing_depth_weights_are_refused_in_one_line_before_anything_loads(monkeypatch, tiny_dir, picture, tmp_path):
     empty = tmp_path / "no-model"
     empty.mkdir()
     monkeypatch.setenv("ZSTUDIO_DEPTH_MODEL", str(empty))
