@@ -34,6 +34,13 @@ needs_aux = pytest.mark.skipif(not has_controlnet_aux(), reason="controlnet_aux 
                                "dependencies timm, torchvision, scikit-image, scipy do not import here")  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _default_sources(monkeypatch):
+    """Each test names its weights; none comes from the user's environment."""
+    monkeypatch.delenv("ZSTUDIO_DEPTH_MODEL", raising=False)
+    monkeypatch.delenv("ZSTUDIO_ANNOTATORS", raising=False)
+
+
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory):
     """A scene larger than the output and of another aspect: a bright disc before a grey bar, on a gradient."""
@@ -78,6 +85,29 @@ def settings_with(monkeypatch, **env):
     for name, value in env.items():
         monkeypatch.setenv(name, str(value))
     return load_settings()
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache (huggingface_hub and transformers read this constant at each call)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def put_in_cache(cache, repo_id: str, folder) -> None:
+    """The files of `folder` as the hub client leaves a download in the cache: blobs, a snapshot, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
 
 
 def library_depth(folder, image) -> np.ndarray:
@@ -138,14 +168,20 @@ def test_missing_depth_weights_are_refused_in_one_line_before_anything_loads(mon
     assert generator.pipe is None and ("depth", str(empty)) not in preprocessors._LOADED
 
 
-def test_default_depth_model_missing_from_the_cache_is_refused(monkeypatch, tmp_path, picture):
-    settings = settings_with(monkeypatch, HF_HUB_CACHE=tmp_path / "empty-cache")
+def test_default_depth_model_missing_from_the_cache_is_refused(hub_cache, picture):
     with pytest.raises(ParamError, match="Depth-Anything-V2-Small-hf"):
-        control.validate(request(picture, "depth"), UNION, WIDTH, HEIGHT, settings=settings)
+        control.validate(request(picture, "depth"), UNION, WIDTH, HEIGHT, settings=load_settings())
 
 
-def test_choices_list_depth_only_when_its_weights_are_there(monkeypatch, tmp_path, depth_folder):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+def test_depth_model_is_read_from_the_hugging_face_cache(monkeypatch, hub_cache, picture, depth_folder):
+    put_in_cache(hub_cache, "someone/depth-model", depth_folder)
+    settings = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL="someone/depth-model")
+    assert control.preprocessor_choices(settings) == ["canny", "depth", "none"]
+    ours = np.asarray(preprocessors.run("depth", fitted(picture), settings))
+    assert np.array_equal(ours[..., 0], library_depth(depth_folder, fitted(picture)))
+
+
+def test_choices_list_depth_only_when_its_weights_are_there(monkeypatch, hub_cache, tmp_path, depth_folder):
     monkeypatch.setenv("ZSTUDIO_ANNOTATORS", str(tmp_path / "no-annotators"))
     monkeypatch.setenv("ZSTUDIO_DEPTH_MODEL", str(tmp_path / "no-depth"))
     assert control.preprocessor_choices() == ["canny", "none"]
@@ -228,8 +264,7 @@ def test_annotator_map_is_controlnet_aux_at_the_output_size(monkeypatch, picture
 
 
 @needs_aux
-def test_choices_list_an_annotator_when_its_files_are_there(monkeypatch, tmp_path, annotators):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+def test_choices_list_an_annotator_when_its_files_are_there(monkeypatch, hub_cache, tmp_path, annotators):
     partial = tmp_path / "only-hed"
     partial.mkdir()
     (partial / "ControlNetHED.pth").write_bytes((annotators / "ControlNetHED.pth").read_bytes())
@@ -237,6 +272,14 @@ def test_choices_list_an_annotator_when_its_files_are_there(monkeypatch, tmp_pat
     assert control.preprocessor_choices() == ["canny", "hed", "none"]
     monkeypatch.setenv("ZSTUDIO_ANNOTATORS", str(annotators))
     assert control.preprocessor_choices() == ["canny", "hed", "mlsd", "lineart", "pose", "none"]
+
+
+@needs_aux
+def test_annotators_are_read_from_the_hugging_face_cache(hub_cache, picture, annotators):
+    put_in_cache(hub_cache, "lllyasviel/Annotators", annotators)  # the default ZSTUDIO_ANNOTATORS
+    assert control.preprocessor_choices() == ["canny", "hed", "mlsd", "lineart", "pose", "none"]
+    ours = np.asarray(preprocessors.run("hed", fitted(picture), load_settings()))
+    assert np.array_equal(ours, library_map("hed", annotators, fitted(picture)))
 
 
 @needs_aux
