@@ -4,6 +4,7 @@ each map is compared with the library's own public API on the same fitted pictur
 wiring (fit, sizes, normalisation, near = white, channels, refusals)."""
 
 import importlib.util
+import os
 
 import cv2
 import numpy as np
@@ -301,3 +302,15 @@ def test_without_controlnet_aux_the_annotators_name_the_extra(monkeypatch, tmp_p
         control.validate(request(picture, name), UNION, WIDTH, HEIGHT, settings=settings)
     assert "controlnet_aux" in str(err.value) and "zstudio[annotators]" in str(err.value)
     assert "\n" not in str(err.value) and err.value.field == "control_preprocess"
+
+
+def test_benchmark_times_a_full_size_depth_model(monkeypatch, tmp_path):
+    from zstudio.bench.preprocessors import main
+
+    monkeypatch.setenv("ZSTUDIO_DEPTH_MODEL", "mine")
+
+    report = main(["--only", "depth", "--size", "64x48", "--repeats", "1", "--devices", "cpu", "--json",
+                   str(tmp_path / "bench.json")])  # fmt: skip
+    assert report["parameters"]["depth"] == 24_785_089  # Depth Anything V2 Small's size: the config is the hub's
+    assert report["results"]["depth"]["cpu"]["seconds"] > 0 and (tmp_path / "bench.json").is_file()
+    assert os.environ["ZSTUDIO_DEPTH_MODEL"] == "mine" and "ZSTUDIO_ANNOTATORS" not in os.environ  # left as found

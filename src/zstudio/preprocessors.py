@@ -125,9 +125,9 @@ def _load(name: str, spec: str) -> Any:
         return _LOADED[key]
 
 
-def load_depth(spec: str) -> Any:
-    """transformers' depth-estimation pipeline over the model at `spec`, on the CPU, with the PIL image processor
-    (no torchvision)."""
+def load_depth(spec: str, device: str = "cpu") -> Any:
+    """transformers' depth-estimation pipeline over the model at `spec`, with the PIL image processor (no
+    torchvision); requests run it on the CPU (`device` is for the benchmark)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
 
     from .models import quiet_loading
@@ -136,7 +136,7 @@ def load_depth(spec: str) -> Any:
     with quiet_loading():
         model = AutoModelForDepthEstimation.from_pretrained(where, local_files_only=True).eval()
         processor = AutoImageProcessor.from_pretrained(where, local_files_only=True, backend="pil")
-    return pipeline("depth-estimation", model=model, image_processor=processor, device="cpu")
+    return pipeline("depth-estimation", model=model, image_processor=processor, device=device)
 
 
 def depth(estimator: Any, image: Image.Image) -> Image.Image:
@@ -152,14 +152,15 @@ def depth(estimator: Any, image: Image.Image) -> Image.Image:
     return Image.fromarray(np.stack([grey] * 3, axis=-1))
 
 
-def load_annotator(name: str, spec: str) -> Any:
-    """controlnet_aux's detector for `name` from a folder or the Hugging Face cache (never downloaded), on the CPU."""
+def load_annotator(name: str, spec: str, device: str = "cpu") -> Any:
+    """controlnet_aux's detector for `name` from a folder or the Hugging Face cache (never downloaded); requests
+    run it on the CPU (`device` is for the benchmark)."""
     import controlnet_aux
 
     detector = getattr(controlnet_aux, ANNOTATORS[name][0])
     if is_local(spec):
-        return detector.from_pretrained(str(Path(spec).expanduser()))
-    return detector.from_pretrained(spec, local_files_only=True)
+        return detector.from_pretrained(str(Path(spec).expanduser())).to(device)
+    return detector.from_pretrained(spec, local_files_only=True).to(device)
 
 
 def annotate(name: str, detector: Any, image: Image.Image) -> Image.Image:
