@@ -93,8 +93,7 @@ def check_preprocessor(name: str, settings: Settings) -> None:
     """One `ParamError` line when preprocessor `name` cannot run here: what it needs and where to put it."""
     needs = PREPROCESSORS[name].missing(settings)
     if needs is not None:
-        raise ParamError("control_preprocess", f"preprocessor {name} needs {needs}; "
-                                               f"give a ready {name} image as control instead")  # fmt: skip
+        raise preprocessors.refusal(name, needs)
 
 
 # ------------------------------------------------------------------------------------------ weights

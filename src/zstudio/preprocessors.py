@@ -3,11 +3,12 @@ Anything V2, DPT), HED, M-LSD, lineart and pose through controlnet_aux (the pack
 
 zstudio never downloads their weights: they come from a folder or the Hugging Face cache (`ZSTUDIO_DEPTH_MODEL`,
 `ZSTUDIO_ANNOTATORS`), so a server does not reach the network on a request. What is missing is said before anything
-runs (`missing`), cheaply (files on disk, no network loaded), which is also how a UI lists the ones that can run.
+runs (`missing`), cheaply (files on disk; no net loaded, no network): how a UI lists the ones that can run.
 
-They run on the CPU: the nets are small (Depth Anything V2 Small 25M parameters, the annotators 1-20M), run once per
-request, and on the CPU they take no GPU memory from the transformer and the ControlNet, which the memory modes
-budget, and cannot race the generation for the GPU. A loaded net is kept for the process (`_LOADED`).
+They run on the CPU: the nets are small (Depth Anything V2 Small 25M parameters, the annotators 1.5M to 52M) and run
+once per request, so they take no GPU memory from the transformer and the ControlNet, which the memory modes budget,
+and never contend with a generation for the GPU; the price is seconds per picture at 1024x1024 on a small CPU
+(docs/CONTROLNET.md; `python -m zstudio.bench.preprocessors`). A loaded net is kept for the process (`_LOADED`).
 
 Size rule: the picture arrives fitted to the output size (`zstudio.control`); the map returned has exactly that size.
 Depth: the model's image processor resizes for the net (518 px short side for Depth Anything), and the prediction
@@ -51,7 +52,7 @@ _LOCK = threading.Lock()  # a server validates requests on several threads; load
 
 
 def is_local(spec: str) -> bool:
-    """A folder path rather than a hub id `owner/repo` (the rule of `zstudio.control.resolve`)."""
+    """A folder path rather than a hub id, which is exactly `owner/repo` here (else as `zstudio.control.resolve`)."""
     return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
 
 
@@ -101,11 +102,16 @@ def _annotators_import_error() -> str | None:
     return None
 
 
+def refusal(name: str, needs: str) -> ParamError:
+    """The one line that refuses preprocessor `name`: what it needs, and what to give instead."""
+    return ParamError(FIELD, f"preprocessor {name} needs {needs}; give a ready {name} image as control instead")
+
+
 def check(name: str, settings: Settings | None = None) -> None:
     """One `ParamError` line when preprocessor `name` cannot run here."""
     lack = missing(name, settings)
     if lack is not None:
-        raise ParamError(FIELD, f"preprocessor {name} needs {lack}; give a ready {name} image as control instead")
+        raise refusal(name, lack)
 
 
 def run(name: str, image: Image.Image, settings: Settings | None = None) -> Image.Image:
@@ -113,8 +119,7 @@ def run(name: str, image: Image.Image, settings: Settings | None = None) -> Imag
     settings = settings or load_settings()
     check(name, settings)
     net = _load(name, source(name, settings))
-    made = depth(net, image) if name == "depth" else annotate(name, net, image)
-    return made
+    return depth(net, image) if name == "depth" else annotate(name, net, image)
 
 
 def _load(name: str, spec: str) -> Any:
