@@ -74,21 +74,24 @@ def missing(name: str, settings: Settings | None = None) -> str | None:
     Reads the disk (and imports controlnet_aux once per process), loads no net."""
     settings = settings or load_settings()
     spec = source(name, settings)
-    where = f"ZSTUDIO_DEPTH_MODEL (now {spec})" if name == "depth" else f"ZSTUDIO_ANNOTATORS (now {spec})"
+    variable = "ZSTUDIO_DEPTH_MODEL" if name == "depth" else "ZSTUDIO_ANNOTATORS"
+    if is_local(spec):
+        where = f"in {spec}, the folder {variable} names"
+    else:
+        where = f"of {spec} in the Hugging Face cache ({variable}; or name a folder holding them)"
     if name == "depth":
         files = [f for f in DEPTH_FILES if not _found(spec, f)]
         if not any(_found(spec, f) for f in DEPTH_WEIGHTS):
             files.append(" or ".join(DEPTH_WEIGHTS))
-        if files:
-            return (f"a transformers depth-estimation model (Depth Anything V2 or DPT) with {', '.join(files)}: "
-                    f"a folder or a hub id in the Hugging Face cache, named by {where}")  # fmt: skip
-        return None
+        if not files:
+            return None
+        return f"a transformers depth-estimation model (Depth Anything V2 or DPT): {', '.join(files)} {where}"
     if importlib.util.find_spec("controlnet_aux") is None:
         return f"the controlnet_aux package ({EXTRA})"
     files = [f for f in ANNOTATORS[name][1] if not _found(spec, f)]
     if files:
-        cached = "" if is_local(spec) else " in the Hugging Face cache"
-        return f"{', '.join(files)} from lllyasviel/Annotators, in the folder named by {where}{cached}"
+        origin = " (lllyasviel/Annotators' files)" if is_local(spec) else ""
+        return f"{', '.join(files)}{origin} {where}"
     error = _annotators_import_error()
     return f"controlnet_aux, which does not import ({error}; {EXTRA})" if error else None
 
