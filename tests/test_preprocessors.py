@@ -35,13 +35,6 @@ needs_aux = pytest.mark.skipif(not has_controlnet_aux(), reason="controlnet_aux 
                                "dependencies timm, torchvision, scikit-image, scipy do not import here")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _default_sources(monkeypatch):
-    """Each test names its weights; none comes from the user's environment."""
-    monkeypatch.delenv("ZSTUDIO_DEPTH_MODEL", raising=False)
-    monkeypatch.delenv("ZSTUDIO_ANNOTATORS", raising=False)
-
-
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory):
     """A scene larger than the output and of another aspect: a bright disc before a grey bar, on a gradient."""
