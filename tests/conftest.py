@@ -16,7 +16,14 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("ZSTUDIO_CACHE", str(tmp_path_factory.getbasetemp() / "zstudio-cache"))
     monkeypatch.setenv("ZSTUDIO_STATE", str(tmp_path_factory.getbasetemp() / "zstudio-state"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in ("ZSTUDIO_MODEL", "ZSTUDIO_OUTPUTS", "ZSTUDIO_DEVICE", "ZSTUDIO_DTYPE"):
+    for name in (
+        "ZSTUDIO_MODEL",
+        "ZSTUDIO_OUTPUTS",
+        "ZSTUDIO_DEVICE",
+        "ZSTUDIO_DTYPE",
+        "ZSTUDIO_DEPTH_MODEL",
+        "ZSTUDIO_ANNOTATORS",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -214,7 +214,8 @@ def test_parameters_refuse_out_of_range_control(fields, field):
 
 def test_every_control_type_has_a_preprocessor_entry():
     assert set(CONTROL_TYPES) == {"none", *control.PREPROCESSORS}
-    assert [name for name, p in control.PREPROCESSORS.items() if p.run is not None] == ["canny"]
+    runnable = [name for name, p in control.PREPROCESSORS.items() if p.run is not None]
+    assert runnable == ["canny", "depth", "hed", "mlsd", "lineart", "pose"]  # scribble and tile: no Union condition
 
 
 def test_cli_generates_with_control_and_show_prints_the_recipe(tiny_dir, shape_file, tmp_path):

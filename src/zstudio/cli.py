@@ -117,7 +117,8 @@ def _size(size: str | None, preset: str | None, width: int | None, height: int |
               "ControlNet, fitted to the output size (cover, then centre-crop; never stretched).")  # fmt: skip
 @click.option("--control-type", help=f"What --control shows: {', '.join(CONTROL_TYPES)} (none = use as given).")
 @click.option("--control-preprocess", is_flag=True, help="--control is a plain picture: make the --control-type "
-              "image from it (canny built in; the others need weights zstudio does not load yet).")  # fmt: skip
+              "image from it (canny built in; depth and, with zstudio[annotators], hed, mlsd, lineart, pose from "
+              "weights on disk: ZSTUDIO_DEPTH_MODEL, ZSTUDIO_ANNOTATORS; never downloaded).")  # fmt: skip
 @click.option("--control-scale", type=float, default=DEFAULT_CONTROL_SCALE, show_default=True,
               help="0-2, how strongly the ControlNet steers (0 = not at all).")  # fmt: skip
 @click.option("--control-start", type=float, default=0.0, show_default=True, help="0-1, share of the schedule "

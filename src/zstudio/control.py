@@ -10,7 +10,8 @@ unstated kind, used as given".
 
 Size rule: the control image (or the picture it is made from) is fitted to the output size exactly as an edit's
 source is (`zstudio.edit.fit`): scaled, aspect kept, to cover the size, then centre-cropped; never stretched.
-Preprocessing runs after the fit, so edges are found at the resolution the model sees.
+Preprocessing runs after the fit, so edges are found at the resolution the model sees. The preprocessors with
+model weights (depth, HED, M-LSD, lineart, pose) are `zstudio.preprocessors`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from . import preprocessors
 from .edit import fit, read_image
 from .params import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, GenerationParams, ParamError
+from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
     import torch
@@ -37,11 +41,12 @@ CANNY_THRESHOLDS = (100, 200)  # cv2.Canny's low and high hysteresis thresholds,
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Makes a control image of one type from a picture; `needs` says what it lacks when it cannot run."""
+    """Makes a control image of one type from a picture (`run`, at the picture's size); `missing` says what it
+    lacks here, None when it can run (checked on disk, before anything loads)."""
 
     name: str
-    run: Callable[[Image.Image], Image.Image] | None
-    needs: str = ""
+    run: Callable[[Image.Image, Settings], Image.Image] | None
+    missing: Callable[[Settings], str | None]
 
 
 # The Canny ControlNet trained on the demo model (`python -m zstudio.demo.control`; docs/CONTROLNET.md).
@@ -57,26 +62,38 @@ def canny(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-def _needs_weights(what: str) -> str:
-    return f"{what} weights, which zstudio does not load yet"
+def _with_weights(name: str) -> Preprocessor:
+    """A preprocessor of zstudio.preprocessors: model weights from a folder or the Hugging Face cache."""
+    return Preprocessor(name, partial(preprocessors.run, name), partial(preprocessors.missing, name))
+
+
+def _never(needs: str) -> Callable[[Settings], str]:
+    return lambda settings: needs
 
 
 PREPROCESSORS: dict[str, Preprocessor] = {
-    "canny": Preprocessor("canny", canny),
-    "depth": Preprocessor("depth", None, _needs_weights("a depth estimator's (Depth Anything V2 or MiDaS)")),
-    "pose": Preprocessor("pose", None, _needs_weights("a pose estimator's (DWPose or OpenPose)")),
-    "hed": Preprocessor("hed", None, _needs_weights("the HED soft-edge annotator's (lllyasviel/Annotators)")),
-    "mlsd": Preprocessor("mlsd", None, _needs_weights("the M-LSD line detector's (lllyasviel/Annotators)")),
-    "lineart": Preprocessor("lineart", None, _needs_weights("the lineart annotator's (lllyasviel/Annotators)")),
+    "canny": Preprocessor("canny", lambda image, settings: canny(image), lambda settings: None),
+    **{name: _with_weights(name) for name in preprocessors.NAMES},  # depth, hed, mlsd, lineart, pose
     # The Union model card names no scribble or tile condition, so no simple image op stands in for them.
-    "scribble": Preprocessor("scribble", None, "a model trained on scribbles; the Union model card lists none"),
-    "tile": Preprocessor("tile", None, "a model trained on tiles; the Union model card lists none"),
+    "scribble": Preprocessor("scribble", None, _never("a model trained on scribbles; the Union model card lists none")),
+    "tile": Preprocessor("tile", None, _never("a model trained on tiles; the Union model card lists none")),
 }
 
 
-def preprocessor_choices() -> list[str]:
-    """The control types a UI offers: the preprocessors that can run here, then "none" (a ready control image)."""
-    return [name for name, pre in PREPROCESSORS.items() if pre.run is not None] + ["none"]
+def preprocessor_choices(settings: Settings | None = None) -> list[str]:
+    """The control types a UI offers: the preprocessors that can run here now (their package imports and their
+    weights are on disk; no net is loaded), then "none" (a ready control image)."""
+    settings = settings or load_settings()
+    return [name for name, pre in PREPROCESSORS.items() if pre.run is not None and pre.missing(settings) is None] + [
+        "none"
+    ]
+
+
+def check_preprocessor(name: str, settings: Settings) -> None:
+    """One `ParamError` line when preprocessor `name` cannot run here: what it needs and where to put it."""
+    needs = PREPROCESSORS[name].missing(settings)
+    if needs is not None:
+        raise preprocessors.refusal(name, needs)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -227,11 +244,13 @@ def validate(
     height: int,
     max_input_pixels: int = MAX_INPUT_PIXELS,
     max_input_bytes: int = MAX_INPUT_BYTES,
+    settings: Settings | None = None,
 ) -> ControlInput | None:
     """Read and check a request's control image for an output of width x height; None without `control`.
 
     One `ParamError` line each for: no ControlNet loaded, a control type the ControlNet was not trained on, a
-    preprocessor that cannot run (what it needs), a file that is not a PNG/JPEG/WebP image."""
+    preprocessor that cannot run (what it needs: `settings` say where its weights are), a file that is not a
+    PNG/JPEG/WebP image."""
     if params.control is None:
         return None
     if controlnet is None:
@@ -243,9 +262,9 @@ def validate(
         raise ParamError("control_type", f"{kind!r} is not a type ControlNet {controlnet.name} was trained on "
                                          f"({known}; 'none' passes the image as given)")  # fmt: skip
     name = preprocessor_of(params)
-    if name is not None and PREPROCESSORS[name].run is None:
-        raise ParamError("control_preprocess", f"preprocessor {name} needs {PREPROCESSORS[name].needs}; "
-                                               f"give a ready {name} image as control instead")  # fmt: skip
+    if name is not None:
+        settings = settings or load_settings()
+        check_preprocessor(name, settings)
     picture, info = read_image("control", params.control, max_input_pixels, max_input_bytes)
     image = fit(picture.convert("RGB"), width, height, Image.Resampling.LANCZOS)
     recipe: dict[str, Any] = {
@@ -256,7 +275,7 @@ def validate(
         "end": params.control_end,
     }
     if name is not None:
-        image = PREPROCESSORS[name].run(image)
+        image = PREPROCESSORS[name].run(image, settings)
         recipe["preprocessor"] = name
         recipe["source_sha256"] = info["sha256"]
         recipe["sha256"] = sha256_png(image)  # the control image the model saw, as a lossless PNG

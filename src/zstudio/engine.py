@@ -160,7 +160,7 @@ class Generator:
             return None
         controlnet = self.resolve_controlnet()
         sized = self.profile.resolve(params)
-        return control.validate(params, controlnet, sized.width, sized.height)
+        return control.validate(params, controlnet, sized.width, sized.height, settings=self.settings)
 
     @property
     def graphs(self) -> str:

@@ -16,6 +16,8 @@
 | ZSTUDIO_UPSCALERS | upscaler model files or folders of them, separated by `:` (`;` on Windows) | none (Lanczos) |
 | ZSTUDIO_LORAS     | the LoRA folder (`*.safetensors`, see zstudio.lora)            | ./loras                     |
 | ZSTUDIO_CONTROLNET | ControlNet: hub id, folder or .safetensors (zstudio.control)  | none                        |
+| ZSTUDIO_DEPTH_MODEL | depth preprocessor: folder or hub id (cache only) | depth-anything/Depth-Anything-V2-Small-hf |
+| ZSTUDIO_ANNOTATORS | HED/M-LSD/lineart/pose weights: folder or hub id (cache only) | lllyasviel/Annotators       |
 | ZSTUDIO_UPLOAD_TTL | hours an upload that no history entry or job names is kept    | 24                          |
 | ZSTUDIO_UPLOAD_MAX_MB | the uploads folder's cap (oldest unnamed uploads go first) | 2048                        |
 | ZSTUDIO_PNG_ENCODER | auto (= parallel), parallel or pillow (see zstudio.speed.png) | auto                      |
@@ -30,6 +32,8 @@ from pathlib import Path
 from .params import DEFAULT_MAX_MEGAPIXEL_STEPS, ParamError
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # zstudio.preprocessors
+DEFAULT_ANNOTATORS = "lllyasviel/Annotators"  # controlnet_aux's weights (ControlNetHED.pth, ...)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Settings:
     upscalers: tuple[str, ...] = ()
     loras: Path = Path("loras")
     controlnet: str | None = None
+    depth_model: str = DEFAULT_DEPTH_MODEL
+    annotators: str = DEFAULT_ANNOTATORS
     upload_ttl_hours: float = 24.0
     upload_max_mb: float = 2048.0
     png_encoder: str = "auto"
@@ -74,6 +80,8 @@ def load_settings() -> Settings:
         upscalers=tuple(p for p in (os.environ.get("ZSTUDIO_UPSCALERS") or "").split(os.pathsep) if p),
         loras=Path(os.environ.get("ZSTUDIO_LORAS") or "loras"),
         controlnet=os.environ.get("ZSTUDIO_CONTROLNET") or None,
+        depth_model=os.environ.get("ZSTUDIO_DEPTH_MODEL") or DEFAULT_DEPTH_MODEL,
+        annotators=os.environ.get("ZSTUDIO_ANNOTATORS") or DEFAULT_ANNOTATORS,
         upload_ttl_hours=_positive_number("ZSTUDIO_UPLOAD_TTL", 24.0),
         upload_max_mb=_positive_number("ZSTUDIO_UPLOAD_MAX_MB", 2048.0),
         png_encoder=os.environ.get("ZSTUDIO_PNG_ENCODER") or "auto",

@@ -87,7 +87,9 @@ class GenerationRequest(BaseModel):
         None, description="What control shows; none = as given."
     )
     control_preprocess: bool | Literal[CONTROL_TYPES[1:]] = Field(  # type: ignore[valid-type]
-        False, description="Make the control_type image from a plain picture (canny built in)."
+        False,
+        description="Make the control_type image from a plain picture (canny built in; depth, hed, mlsd, "
+        "lineart, pose where the server has their weights).",
     )
     control_scale: float = Field(DEFAULT_CONTROL_SCALE, **documented(minimum=0, maximum=MAX_CONTROL_SCALE))
     control_start: float = Field(0.0, description="Share of the schedule where control starts.",
