@@ -23,7 +23,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .. import control, edit, upscale
+from .. import edit, upscale
+from ..control import preprocessor_choices
 from ..models import Profile
 from ..outputs import read_metadata
 from ..params import (
@@ -530,7 +531,7 @@ class ControlPanel:
         return [self.image, self.kind, self.scale, self.start, self.end]
 
 
-def control_panel(loaded: bool, prefix: str = "") -> ControlPanel:
+def control_panel(loaded: bool, choices: list[str], prefix: str = "") -> ControlPanel:
     """The accordion, built once per job tab (`prefix` keeps its elem_ids apart): without a loaded ControlNet only a
     one-line note says how to start with one."""
     with gr.Accordion(I18N("controlnet"), open=False, elem_id=f"{prefix}controlnet"):
@@ -540,7 +541,7 @@ def control_panel(loaded: bool, prefix: str = "") -> ControlPanel:
                              elem_id=f"{prefix}control-image")  # fmt: skip
             preview = gr.HTML(label=I18N("control_preview"), show_label=True, elem_id=f"{prefix}control-preview")
         with gr.Row(visible=loaded):
-            kind = gr.Dropdown(control.preprocessor_choices(), value="canny", label=I18N("control_type"),
+            kind = gr.Dropdown(choices, value="canny", label=I18N("control_type"),
                                info=I18N("control_type_info"), elem_id=f"{prefix}control-type")  # fmt: skip
             scale = gr.Slider(0, MAX_CONTROL_SCALE, value=DEFAULT_CONTROL_SCALE, step=0.05,
                               label=I18N("control_scale"), elem_id=f"{prefix}control-scale")  # fmt: skip
@@ -650,6 +651,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
     upscalers = [upscale.LANCZOS, *upscale.find_upscalers(generator.settings.upscalers)]
     lora_names = lora_choices(studio)
     controlled = generator.controlnet_spec is not None  # the job tabs' ControlNet panels, or their one-line note
+    control_types = preprocessor_choices(generator.settings)  # what can run here: weights found, packages in
 
     with gr.Blocks(title="zstudio") as demo:
         gr.Markdown(f"# zstudio — {generator.resolve_source().label}")  # the model that runs
@@ -671,7 +673,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             height = gr.Slider(*profile.side_range, value=profile.height, step=16,
                                                label=I18N("height"), elem_id="height")  # fmt: skip
                         recipe = recipe_controls(profile, "", prompt, negative, last_seed, lora_names)
-                        control = control_panel(controlled)
+                        control = control_panel(controlled, control_types)
                         run_btn, cancel_btn = run_buttons("generate", "generate")
                     with gr.Column(scale=3):
                         panel = result_panel(profile, "generate-", "zstudio-progress", "result")
@@ -686,7 +688,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                  elem_id="img2img-strength")  # fmt: skip
                         i2i_width, i2i_height = edit_size_controls(profile, "img2img-")
                         i2i = recipe_controls(profile, "img2img-", i2i_prompt, i2i_negative, last_seed, lora_names)
-                        i2i_control = control_panel(controlled, "img2img-")
+                        i2i_control = control_panel(controlled, control_types, "img2img-")
                         i2i_run, i2i_cancel = run_buttons("run_edit", "img2img-run")
                     with gr.Column(scale=3):
                         i2i_panel = result_panel(profile, "img2img-", "img2img-progress", "img2img-result")
@@ -716,7 +718,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                   label=I18N("mask_blur"))  # fmt: skip
                         inp_width, inp_height = edit_size_controls(profile, "inpaint-")
                         inp = recipe_controls(profile, "inpaint-", inp_prompt, inp_negative, last_seed, lora_names)
-                        inp_control = control_panel(controlled, "inpaint-")
+                        inp_control = control_panel(controlled, control_types, "inpaint-")
                         inp_run, inp_cancel = run_buttons("run_edit", "inpaint-run")
                     with gr.Column(scale=3):
                         inp_panel = result_panel(profile, "inpaint-", "inpaint-progress", "inpaint-result")
