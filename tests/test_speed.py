@@ -72,10 +72,19 @@ def test_bucket_padding_keeps_the_prompt_states(generator):
 
 
 def test_cuda_graphs_follow_the_setting_and_stay_off_for_moving_weights(monkeypatch):
-    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "off"
+    """The text encoder's graphs by default; only on CUDA and with resident weights (the device is swapped after
+    construction: this machine has no GPU, and `graphs` only reads it)."""
+
+    def graphs(memory: str, device: str = "cuda") -> str:
+        generator = Generator(model="tiny", device="cpu", memory=memory)
+        generator.device = torch.device(device)
+        return generator.graphs
+
+    assert graphs("resident") == "text"
+    assert graphs("resident", device="cpu") == "off"
     monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "ALL")
-    assert Generator(model="tiny", device="cpu", memory="resident").graphs == "all"
-    assert Generator(model="tiny", device="cpu", memory="lowest").graphs == "off"
+    assert graphs("resident") == "all"
+    assert graphs("lowest") == "off"
     monkeypatch.setenv("ZSTUDIO_CUDA_GRAPHS", "1")
     with pytest.raises(ParamError, match="ZSTUDIO_CUDA_GRAPHS.*off, text, all"):
         Generator(model="tiny", device="cpu")
@@ -148,3 +157,39 @@ def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
         torch._dynamo.reset()
     for mine, theirs in zip(results[2], eager):
         assert np.abs(np.asarray(mine).astype(int) - np.asarray(theirs).astype(int)).max() <= 2
+
+
+def test_a_non_contiguous_rotary_table_compiles_no_new_block_graph(tiny_dir):
+    """diffusers slices the rotary table out of a padded one, so a batch can bring it with other strides than the
+    warm-up's (on the H100 a batch of 2 compiled a new graph after the warm-up). The compiled blocks take it
+    contiguous: the same graph serves, with the same output."""
+    from torch._dynamo.utils import counters
+
+    from zstudio.speed.compile import compile_blocks, uncompile
+
+    generator = Generator(model=str(tiny_dir), device="cpu", speed="exact").load()
+    transformer = generator.pipe.transformer
+    block = transformer.layers[0]
+    dim = transformer.config.dim
+    heads = transformer.config.n_heads
+    half = dim // heads // 2
+    gen = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    try:
+        compile_blocks(transformer)
+        with torch.inference_mode():  # as in a generation: grad mode and inference tensors are part of the key
+            x = torch.randn(2, 48, dim, generator=gen)
+            adaln = torch.randn(2, min(dim, 256), generator=gen)
+            mask = torch.ones(2, 48, dtype=torch.bool)
+            angles = torch.rand(2, 64, half, generator=gen) * 6.28
+            padded = torch.polar(torch.ones(2, 64, half), angles)  # complex, as diffusers' RoPE table
+            tight, sliced = padded[:, :48].contiguous(), padded[:, :48]
+            assert not sliced.is_contiguous()
+            first = block(x, mask, tight, adaln)
+            before = counters["stats"]["unique_graphs"]
+            second = block(x, mask, sliced, adaln)
+        assert counters["stats"]["unique_graphs"] == before
+        torch.testing.assert_close(first, second)
+    finally:
+        uncompile(transformer)
+        torch._dynamo.reset()

@@ -164,8 +164,9 @@ class Generator:
 
     @property
     def graphs(self) -> str:
-        """What replays as CUDA graphs: never with moving weights (graphs pin the memory they recorded with)."""
-        return self._graphs if self.memory == "resident" else "off"
+        """What replays as CUDA graphs: only on CUDA, never with moving weights (graphs pin the memory they recorded
+        with)."""
+        return self._graphs if self.memory == "resident" and self.device.type == "cuda" else "off"
 
     @property
     def compile_cache(self) -> Path:
@@ -287,7 +288,7 @@ class Generator:
         else:
             runs = warmup_runs(sizes or offered_sizes(p), (p.width, p.height))
             for length in getattr(self.token_encoder, "buckets", ()):
-                for _ in range(2):  # the first call of a CUDA-graph shape runs, the second records it
+                for _ in range(2):  # the first call of a bucket captures its CUDA graph, the second replays it
                     with torch.inference_mode():  # as in a generation: grad mode is part of the compiled graph's key
                         self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
                 log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)

@@ -9,7 +9,7 @@
 | ZSTUDIO_SPEED     | auto, eager, exact, fast or fastest (see zstudio.speed)        | auto                        |
 | ZSTUDIO_MEMORY    | auto, resident, offload-text, stream or lowest (zstudio.memory)| auto                        |
 | ZSTUDIO_CACHE     | where zstudio keeps checkpoints it makes itself (tiny model)   | ~/.cache/zstudio            |
-| ZSTUDIO_CUDA_GRAPHS | what replays as CUDA graphs in fast modes: off, text, all    | off                         |
+| ZSTUDIO_CUDA_GRAPHS | what replays as CUDA graphs in fast modes: off, text, all    | text                        |
 | ZSTUDIO_STATE     | the server's history database (never inside the outputs)      | ~/.local/state/zstudio      |
 | ZSTUDIO_TOKEN     | API/UI token of `zstudio serve` (16+ characters)              | none (loopback only)        |
 | ZSTUDIO_MAX_MEGAPIXEL_STEPS | per-request work limit: width x height x steps x images / 1e6 | 500         |
@@ -45,7 +45,7 @@ class Settings:
     speed: str
     memory: str
     cache_dir: Path
-    cuda_graphs: str = "off"
+    cuda_graphs: str = "text"
     state_dir: Path = Path("~/.local/state/zstudio").expanduser()
     max_megapixel_steps: float = DEFAULT_MAX_MEGAPIXEL_STEPS
     upscalers: tuple[str, ...] = ()
@@ -74,7 +74,7 @@ def load_settings() -> Settings:
         speed=os.environ.get("ZSTUDIO_SPEED") or "auto",
         memory=os.environ.get("ZSTUDIO_MEMORY") or "auto",
         cache_dir=Path(cache),
-        cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "off",
+        cuda_graphs=os.environ.get("ZSTUDIO_CUDA_GRAPHS") or "text",
         state_dir=Path(state),
         max_megapixel_steps=_positive_number("ZSTUDIO_MAX_MEGAPIXEL_STEPS", DEFAULT_MAX_MEGAPIXEL_STEPS),
         upscalers=tuple(p for p in (os.environ.get("ZSTUDIO_UPSCALERS") or "").split(os.pathsep) if p),

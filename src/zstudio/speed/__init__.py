@@ -5,8 +5,8 @@
 | eager   | diffusers' modules as loaded                                              | reference         |
 | exact   | preferred SDPA backend (cuDNN on Hopper), no compile                      | within fp rounding|
 | fast    | exact + real-valued RoPE, the transformer's blocks and the VAE decoder    | within bf16 noise |
-|         | compiled with dynamic shapes (opt-in, ZSTUDIO_CUDA_GRAPHS: the text       |                   |
-|         | encoder in 4 length buckets as CUDA graphs)                               |                   |
+|         | compiled with dynamic shapes; the text encoder in 4 length buckets        |                   |
+|         | replayed as CUDA graphs (ZSTUDIO_CUDA_GRAPHS=text, resident on CUDA)      |                   |
 | fastest | fast + fp8 matmuls (torchao), Hopper/Ada                                  | approximate       |
 """
 
@@ -48,10 +48,9 @@ def choose_speed(requested: str, device: torch.device) -> tuple[str, str]:
 def apply_speed(pipe, mode: str, graphs: str = "off", cache_dir: Path | None = None):
     """Install the mode's techniques on a loaded pipeline (once); returns the text encoder runner to use.
 
-    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: nothing (`off`, the default, and always where weights
-    move between devices: captured graphs pin their memory), the text encoder compiled in 4 length buckets (`text`:
-    faster per new prompt, but compiling Qwen3 at warm-up costs minutes), or also the whole transformer as one graph
-    (`all`). Measurements: docs/BENCHMARKS.md."""
+    `graphs` (GRAPH_CHOICES) says what replays as CUDA graphs: nothing (`off`, and always where weights move between
+    devices: captured graphs pin their memory), the text encoder in 4 length buckets captured from its eager modules
+    (`text`, the default), or also the whole transformer as one graph (`all`). Measurements: docs/BENCHMARKS.md."""
     from .text_encoder import BUCKETS, TokenEncoder
 
     if mode == "eager":

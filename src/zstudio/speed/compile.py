@@ -37,9 +37,29 @@ def _allow_variants() -> None:
 
 
 def compile_blocks(transformer) -> None:
-    """Regional compilation with symbolic shapes: one block's graph, reused by every block and every request size."""
+    """Regional compilation with symbolic shapes: one block's graph, reused by every block and every request size.
+
+    Each compiled block gets its rotary table contiguous (`_contiguous_freqs`): diffusers slices the table out of a
+    padded one (`pad_sequence(...)[:, :n]`), so whether it arrives contiguous depends on the batch's prompt
+    lengths, and dynamo guards on the strides: a batch of 2 after the warm-up compiled a new graph on the H100
+    (5.9-6.6 s, docs/BENCHMARKS.md) until this."""
     _allow_variants()
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=BACKEND)
+    for block in transformer.modules():
+        compiled = getattr(block, "_compiled_call_impl", None)
+        if compiled is not None and block is not transformer:
+            block._compiled_call_impl = functools.partial(_contiguous_freqs, compiled)
+
+
+def _contiguous_freqs(compiled, *args, **kwargs):
+    """Call a compiled block (`ZImageTransformerBlock.forward(x, attn_mask, freqs_cis, adaln_input, ...)`) with its
+    rotary table contiguous; outside the graph, so its strides never reach a guard. (`_compiled_call_impl` is
+    torch's own slot for `nn.Module.compile`; tests/test_speed.py fails if it goes.)"""
+    if kwargs.get("freqs_cis") is not None:
+        kwargs["freqs_cis"] = kwargs["freqs_cis"].contiguous()
+    elif len(args) > 2 and args[2] is not None:
+        args = (*args[:2], args[2].contiguous(), *args[3:])
+    return compiled(*args, **kwargs)
 
 
 def compile_transformer(transformer, graphs: bool = False) -> None:
@@ -79,7 +99,7 @@ def control_block_forward(block, core, c: torch.Tensor, x: torch.Tensor, attn_ma
     else:
         hints = list(torch.unbind(c))
         c = hints.pop(-1)
-    c = core(block, c, attn_mask, freqs_cis, adaln_input)
+    c = core(block, c, attn_mask, freqs_cis.contiguous(), adaln_input)  # as `_contiguous_freqs`, outside the graph
     return torch.stack([*hints, block.after_proj(c), c])
 
 
