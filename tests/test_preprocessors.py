@@ -112,6 +112,15 @@ def library_depth(folder, image) -> np.ndarray:
     return np.asarray(pipeline("depth-estimation", model=str(folder), image_processor=processor)(image)["depth"])
 
 
+def same_map(ours: np.ndarray, theirs: np.ndarray, rounding: int = 0) -> bool:
+    """Our map against the library's own, computed separately in the same process: equal up to float noise. A tiny
+    random depth model's output spans a narrow range, which min-max normalisation stretches to 0-255, so where
+    many threads sum in another order (16 cores on the GPU host) a few pixels move by more than one level; a wrong
+    size, crop, orientation or normalisation moves them all."""
+    diff = np.abs(ours.astype(int) - theirs.astype(int))
+    return ours.shape == theirs.shape and diff.mean() <= 0.5 + rounding and np.percentile(diff, 99) <= 1 + rounding
+
+
 def request(path, kind):
     return GenerationParams(prompt="x", control=str(path), control_type=kind, control_preprocess=True)
 
@@ -123,7 +132,7 @@ def test_depth_map_is_transformers_depth_at_the_output_size_in_three_equal_chann
     assert got.image.size == (WIDTH, HEIGHT) and got.image.mode == "RGB"
     assert (ours[..., 0] == ours[..., 1]).all() and (ours[..., 0] == ours[..., 2]).all()
     expected = library_depth(depth_folder, fitted(picture))
-    assert np.array_equal(ours[..., 0], expected)
+    assert same_map(ours[..., 0], expected)
     assert ours.min() == 0 and ours.max() == 255  # stretched to the full range
     assert got.recipe["preprocessor"] == "depth" and got.recipe["sha256"] == control.sha256_png(got.image)
 
@@ -133,7 +142,7 @@ def test_metric_depth_is_flipped_so_near_is_white(monkeypatch, picture, tmp_path
     settings = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL=folder)
     ours = np.asarray(preprocessors.run("depth", fitted(picture), settings))[..., 0].astype(int)
     far_is_white = library_depth(folder, fitted(picture)).astype(int)
-    assert np.abs(ours - (255 - far_is_white)).max() <= 1  # 1: both round down
+    assert same_map(ours, 255 - far_is_white, rounding=1)  # floor(255 (1 - s)) against 255 - floor(255 s)
 
 
 def test_a_loaded_net_serves_the_next_request_without_reloading(monkeypatch, picture, depth_folder):
@@ -172,7 +181,7 @@ def test_depth_model_is_read_from_the_hugging_face_cache(monkeypatch, hub_cache,
     settings = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL="someone/depth-model")
     assert control.preprocessor_choices(settings) == ["canny", "depth", "none"]
     ours = np.asarray(preprocessors.run("depth", fitted(picture), settings))
-    assert np.array_equal(ours[..., 0], library_depth(depth_folder, fitted(picture)))
+    assert same_map(ours[..., 0], library_depth(depth_folder, fitted(picture)))
 
 
 def test_choices_list_depth_only_when_its_weights_are_there(monkeypatch, hub_cache, tmp_path, depth_folder):
