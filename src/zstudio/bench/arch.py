@@ -37,6 +37,14 @@ CONTROLNET = dict(
 )  # fmt: skip
 
 
+# The first release, "Z-Image-Turbo-Fun-Controlnet-Union" (1.0): 6 control blocks, no control refiner, 16 channels.
+CONTROLNET_1 = dict(
+    control_layers_places=[0, 5, 10, 15, 20, 25], control_in_dim=16, all_patch_size=(2,), all_f_patch_size=(1,),
+    dim=3840, n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+)  # fmt: skip
+UNIONS = {"2.1": CONTROLNET, "1.0": CONTROLNET_1}
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()

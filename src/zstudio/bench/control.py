@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .arch import RANDOM, build_controlnet, random_generator
+from .arch import RANDOM, UNIONS, build_controlnet, random_generator
 from .run import emit, gpu_info, stats, sync, timed
 
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--speed", default=None, help="speed mode [default: the device's default]")
     parser.add_argument("--memory", default=None, help="memory mode [default: auto]")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--union", choices=sorted(UNIONS), default="2.1", help="the random ControlNet's layout: "
+                        "2.1 (15 control blocks + 2 refiner blocks, as 2.0) or 1.0 (6 control blocks)")  # fmt: skip
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     outputs = tempfile.mkdtemp(prefix="zstudio-bench-control-")
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device = args.device or "cuda"
             generator = random_generator(device, speed=args.speed or "auto", memory=args.memory, outputs=outputs)
             rng = torch.Generator(device).manual_seed(1)
-            controlnet = build_controlnet(torch.device(device), generator.dtype, rng)
-            source = ControlNetSource("random-union-2.1", Path("."), None, UNION_TYPES)
+            controlnet = build_controlnet(torch.device(device), generator.dtype, rng, **UNIONS[args.union])
+            source = ControlNetSource(f"random-union-{args.union}", Path("."), None, UNION_TYPES)
             generator.install_controlnet(controlnet, source)
             return generator
         return Generator(model=args.folder, controlnet=str(Path(args.folder) / CONTROLNET_FOLDER), speed=args.speed,
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": args.size,
         "steps": args.steps,
         "control_scale": args.scale,
+        "union": args.union if args.folder == RANDOM else None,
         "controlnet_own_params_b": round(controlnet_params / 1e9, 3),
         "load_s": round(load_s, 2),
         "warmup_s": round(warmup_s, 2),
