@@ -23,6 +23,7 @@ def _isolated_env(monkeypatch, tmp_path_factory):
         "ZSTUDIO_DTYPE",
         "ZSTUDIO_DEPTH_MODEL",
         "ZSTUDIO_ANNOTATORS",
+        "ZSTUDIO_ANNOTATOR_DEVICE",
     ):
         monkeypatch.delenv(name, raising=False)
 

@@ -316,3 +316,13 @@ def test_benchmark_times_a_full_size_depth_model(monkeypatch, tmp_path):
     assert report["parameters"]["depth"] == 24_785_089  # Depth Anything V2 Small's size: the config is the hub's
     assert report["results"]["depth"]["cpu"]["seconds"] > 0 and (tmp_path / "bench.json").is_file()
     assert os.environ["ZSTUDIO_DEPTH_MODEL"] == "mine" and "ZSTUDIO_ANNOTATORS" not in os.environ  # left as found
+
+
+def test_the_nets_run_where_the_setting_says_and_a_bad_device_is_one_line(monkeypatch, picture, depth_folder):
+    settings = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL=depth_folder)
+    preprocessors.run("depth", fitted(picture), settings)
+    assert ("depth", str(depth_folder)) in preprocessors._LOADED  # cpu, the default
+    assert next(preprocessors._LOADED[("depth", str(depth_folder))].model.parameters()).device.type == "cpu"
+    bad = settings_with(monkeypatch, ZSTUDIO_DEPTH_MODEL=depth_folder, ZSTUDIO_ANNOTATOR_DEVICE="gpu")
+    with pytest.raises(ParamError, match="ZSTUDIO_ANNOTATOR_DEVICE: must be cpu, cuda or cuda:N, got 'gpu'"):
+        preprocessors.run("depth", fitted(picture), bad)

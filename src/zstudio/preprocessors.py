@@ -5,10 +5,11 @@ zstudio never downloads their weights: they come from a folder or the Hugging Fa
 `ZSTUDIO_ANNOTATORS`), so a server does not reach the network on a request. What is missing is said before anything
 runs (`missing`), cheaply (files on disk; no net loaded, no network): how a UI lists the ones that can run.
 
-They run on the CPU: the nets are small (Depth Anything V2 Small 25M parameters, the annotators 1.5M to 52M) and run
-once per request, so they take no GPU memory from the transformer and the ControlNet, which the memory modes budget,
-and never contend with a generation for the GPU; the price is seconds per picture at 1024x1024 on a small CPU
-(docs/CONTROLNET.md; `python -m zstudio.bench.preprocessors`). A loaded net is kept for the process (`_LOADED`).
+They run on the CPU by default: the nets are small (Depth Anything V2 Small 25M parameters, the annotators 1.5M to
+52M) and run once per request, so they take no GPU memory from the transformer and the ControlNet, which the memory
+modes budget; the price is up to seconds per picture at 1024x1024 (docs/CONTROLNET.md; `python -m
+zstudio.bench.preprocessors`). `ZSTUDIO_ANNOTATOR_DEVICE=cuda` runs them on the GPU instead (tens of milliseconds on
+an H100, beside the model's memory). A loaded net is kept for the process (`_LOADED`).
 
 Size rule: the picture arrives fitted to the output size (`zstudio.control`); the map returned has exactly that size.
 Depth: the model's image processor resizes for the net (518 px short side for Depth Anything), and the prediction
@@ -121,21 +122,29 @@ def run(name: str, image: Image.Image, settings: Settings | None = None) -> Imag
     """Preprocessor `name`'s control image of an RGB picture, at the picture's size, RGB."""
     settings = settings or load_settings()
     check(name, settings)
-    net = _load(name, source(name, settings))
+    net = _load(name, source(name, settings), annotator_device(settings))
     return depth(net, image) if name == "depth" else annotate(name, net, image)
 
 
-def _load(name: str, spec: str) -> Any:
-    key = (name, spec)
+def annotator_device(settings: Settings) -> str:
+    """Where the nets run: `ZSTUDIO_ANNOTATOR_DEVICE`, cpu (the default) or cuda[:N] (one line if neither)."""
+    device = settings.annotator_device.strip().lower()
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ParamError("ZSTUDIO_ANNOTATOR_DEVICE", f"must be cpu, cuda or cuda:N, got {settings.annotator_device!r}")
+    return device
+
+
+def _load(name: str, spec: str, device: str = "cpu") -> Any:
+    key = (name, spec) if device == "cpu" else (name, spec, device)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = load_depth(spec) if name == "depth" else load_annotator(name, spec)
+            _LOADED[key] = load_depth(spec, device) if name == "depth" else load_annotator(name, spec, device)
         return _LOADED[key]
 
 
 def load_depth(spec: str, device: str = "cpu") -> Any:
     """transformers' depth-estimation pipeline over the model at `spec`, with the PIL image processor (no
-    torchvision); requests run it on the CPU (`device` is for the benchmark)."""
+    torchvision), on `device` (`annotator_device`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
 
     from .models import quiet_loading
@@ -162,7 +171,7 @@ def depth(estimator: Any, image: Image.Image) -> Image.Image:
 
 def load_annotator(name: str, spec: str, device: str = "cpu") -> Any:
     """controlnet_aux's detector for `name` from a folder or the Hugging Face cache (never downloaded); requests
-    run it on the CPU (`device` is for the benchmark)."""
+    run it on `device` (`annotator_device`)."""
     import controlnet_aux
 
     detector = getattr(controlnet_aux, ANNOTATORS[name][0])

@@ -18,6 +18,7 @@
 | ZSTUDIO_CONTROLNET | ControlNet: hub id, folder or .safetensors (zstudio.control)  | none                        |
 | ZSTUDIO_DEPTH_MODEL | depth preprocessor: folder or hub id (cache only) | depth-anything/Depth-Anything-V2-Small-hf |
 | ZSTUDIO_ANNOTATORS | HED/M-LSD/lineart/pose weights: folder or hub id (cache only) | lllyasviel/Annotators       |
+| ZSTUDIO_ANNOTATOR_DEVICE | where the preprocessors' nets run: cpu, cuda or cuda:N      | cpu                         |
 | ZSTUDIO_UPLOAD_TTL | hours an upload that no history entry or job names is kept    | 24                          |
 | ZSTUDIO_UPLOAD_MAX_MB | the uploads folder's cap (oldest unnamed uploads go first) | 2048                        |
 | ZSTUDIO_PNG_ENCODER | auto (= parallel), parallel or pillow (see zstudio.speed.png) | auto                      |
@@ -53,6 +54,7 @@ class Settings:
     controlnet: str | None = None
     depth_model: str = DEFAULT_DEPTH_MODEL
     annotators: str = DEFAULT_ANNOTATORS
+    annotator_device: str = "cpu"
     upload_ttl_hours: float = 24.0
     upload_max_mb: float = 2048.0
     png_encoder: str = "auto"
@@ -82,6 +84,7 @@ def load_settings() -> Settings:
         controlnet=os.environ.get("ZSTUDIO_CONTROLNET") or None,
         depth_model=os.environ.get("ZSTUDIO_DEPTH_MODEL") or DEFAULT_DEPTH_MODEL,
         annotators=os.environ.get("ZSTUDIO_ANNOTATORS") or DEFAULT_ANNOTATORS,
+        annotator_device=os.environ.get("ZSTUDIO_ANNOTATOR_DEVICE") or "cpu",
         upload_ttl_hours=_positive_number("ZSTUDIO_UPLOAD_TTL", 24.0),
         upload_max_mb=_positive_number("ZSTUDIO_UPLOAD_MAX_MB", 2048.0),
         png_encoder=os.environ.get("ZSTUDIO_PNG_ENCODER") or "auto",
