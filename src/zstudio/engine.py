@@ -33,6 +33,7 @@ from .memory import (
     choose_memory,
     choose_text,
     free_after_failure,
+    needed_gb,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
 from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, ParamError, check_choice
@@ -207,6 +208,15 @@ class Generator:
             log.info("memory mode %s already holds 8-bit weights: speed fast (compiled) on them", self.memory)
             self.speed = "fast"
 
+    def _stream_budget(self, source: models.ModelSource) -> dict[str, Any]:
+        """What memory mode stream keeps room for (its own estimate at the model's size) and the blocks it is told
+        to keep resident (ZSTUDIO_RESIDENT_BLOCKS; None: as many as fit beside the estimate)."""
+        if self.memory != "stream" or self.device.type != "cuda":
+            return {}
+        p = source.profile
+        return {"reserve_gib": needed_gb("stream", p.width, p.height, self.model_weights(source)),
+                "resident": self.settings.resident_blocks}  # fmt: skip
+
     def _choose_text_placement(self, source: models.ModelSource) -> None:
         """Where the text encoder goes in this memory mode, by the card's free memory and the host's RAM."""
         if self.device.type != "cuda" or self.memory == "resident":
@@ -233,7 +243,7 @@ class Generator:
                     controlnet = control.load(self.controlnet_source, self.dtype)
                     # Streamed: the ControlNet's copies of the transformer's parts, taken before its streaming hooks.
                     controlnet = control.attach(controlnet, pipe.transformer, own_copies=self.memory in STREAMED)
-                apply_memory(pipe, self.memory, self.device, text=self.text_placement)
+                apply_memory(pipe, self.memory, self.device, text=self.text_placement, **self._stream_budget(source))
                 self.token_encoder = apply_speed(pipe, self.speed, graphs=self.graphs, cache_dir=self.compile_cache)
                 self.pipe = pipe
                 if controlnet is not None:
@@ -488,7 +498,8 @@ class Generator:
                 self.controlnet = control.attach(self.controlnet, self.pipe.transformer, own_copies=mode in STREAMED)
             text_before = self.text_placement
             self.text_placement = self._text_placement_after_switch(mode)
-            apply_memory(self.pipe, mode, self.device, text=self.text_placement)
+            apply_memory(self.pipe, mode, self.device, text=self.text_placement,
+                         **self._stream_budget(self.resolve_source()))  # fmt: skip
             if self.controlnet is not None:
                 self._place_controlnet()
             if self.token_encoder is not None and (self.token_encoder.graphs or self.text_placement != text_before):

@@ -9,7 +9,8 @@
 | 8bit          | + the transformer's large linear layers in 8 bits (float8 on GPUs with fp8 tensor  |
 |               | cores, int8 weight-only elsewhere; torchao): half its memory, approximate pixels   |
 | stream        | text encoder as above; the transformer's bf16 blocks streamed from CPU memory one  |
-|               | at a time, transfers overlapped with compute on a CUDA stream (group offloading)   |
+|               | at a time, transfers overlapped with compute on a CUDA stream (group offloading);  |
+|               | as many of its main blocks as the card holds beside that stay resident             |
 | lowest        | + leaf-level streaming and a tiled, sliced VAE decode                              |
 
 A ControlNet (zstudio.control) is resident in bf16 in the first three modes and streamed like the transformer in the
@@ -22,6 +23,11 @@ weights a mode keeps on the GPU plus a fixed part plus activations growing with 
 its `ModelWeights.from_folder(path)` (the weights part then comes from its own files); beyond 1024x1024 the pixel
 term is extrapolated. Within the chosen mode, `choose_text` places the text encoder (an int8 copy on the GPU where it
 fits beside the mode's estimate; that size is an estimate until measured).
+
+In `stream` every block that crosses PCIe costs time on every forward (the link, not the GPU, sets the pace), so
+the main blocks that fit in what the card has left after the mode's own estimate and a margin (`resident_blocks`)
+stay on the GPU, spread through the stack (`keep_resident`); `ZSTUDIO_RESIDENT_BLOCKS` sets their number instead
+(0: stream every block). `auto`'s estimate is unchanged: the resident blocks only take memory left over.
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import free_memory_bytes
 from .params import ParamError, check_choice
 from .text_placement import text_8bit_gib
 
@@ -108,6 +115,9 @@ MEASURED_PEAK_GIB = {
 }
 MEASURED_MP = (512 * 512 / 1e6, 1024 * 1024 / 1e6)
 HEADROOM_GIB = 0.25  # fragmentation and the allocator's rounding on a card that is not otherwise empty
+# Left free beside stream's resident blocks: the estimate is a fit to two measured sizes, and a ControlNet's streamed
+# block or another process's allocation must not turn a kept block into an out-of-memory retry.
+RESIDENT_MARGIN_GIB = 1.0
 
 
 class OutOfMemory(RuntimeError):
@@ -193,11 +203,14 @@ def quantize_8bit(transformer, device: torch.device) -> str:
     return kind
 
 
-def apply_memory(pipe, mode: str, device: torch.device, text: str | None = None) -> None:
+def apply_memory(pipe, mode: str, device: torch.device, text: str | None = None, reserve_gib: float | None = None,
+                 resident: int | None = None) -> None:  # fmt: skip
     """Place the components for `mode`; the pipeline may start anywhere (loading puts it in CPU memory).
 
     `text` is the text encoder's placement (zstudio.text_placement, from `choose_text`); None: resident in mode
-    resident, else streamed (pinned where host RAM allows)."""
+    resident, else streamed (pinned where host RAM allows). In `stream`, `reserve_gib` is what the mode itself needs
+    at the model's size (default: `needed_gb("stream")`, Z-Image at 1024x1024) and `resident` the number of blocks
+    to keep on the GPU (None: as many as fit beside `reserve_gib`; `keep_fitting_blocks`)."""
     from .text_placement import default_placement, module_gib, place_text_encoder
 
     pipe.vae.to(device)
@@ -215,28 +228,34 @@ def apply_memory(pipe, mode: str, device: torch.device, text: str | None = None)
     if mode not in STREAMED:
         pipe.transformer.to(device)
         return
-    stream_weights(pipe.transformer, device, leaf=mode == "lowest", low_ram=mode == "lowest")
+    applied = stream_weights(pipe.transformer, device, leaf=mode == "lowest", low_ram=mode == "lowest")
+    if mode == "stream" and applied:
+        keep_fitting_blocks(pipe.transformer, device, needed_gb("stream") if reserve_gib is None else reserve_gib,
+                            resident)  # fmt: skip
     if mode == "lowest":
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()
 
 
-def stream_weights(module: torch.nn.Module, device: torch.device, leaf: bool, low_ram: bool) -> None:
+def stream_weights(module: torch.nn.Module, device: torch.device, leaf: bool, low_ram: bool) -> bool:
     """Keep `module`'s weights in pinned CPU memory and bring them to `device` one block (or one leaf layer) at a
     time, the next transfer overlapped with the current block's compute on a side CUDA stream.
 
     `low_ram` pins each group only while it transfers instead of keeping a pinned copy of every weight. Measured
     (docs/BENCHMARKS.md): with the copies, host RAM peaks at 49 GB for 20.5 GB of weights; without, 23.4 GB, but
     the streamed transformer is about twice as slow (5.1 s against 2.6 s at 1024x1024). `lowest` takes the lean
-    way; `stream` the fast one."""
+    way; `stream` the fast one. Off CUDA (tests) the same hooks move weights without a side stream.
+
+    True when the hooks were put in place now; False when `module` already streamed this way."""
     from diffusers.hooks import apply_group_offloading
     from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
 
     kind = "leaf_level" if leaf else "block_level"
     hook = _get_top_level_group_offload_hook(module)
     if hook is not None and hook.config.offload_type.value == kind:
-        return
+        return False
     _stop_streaming(module)
+    module.__dict__.pop("_zstudio_resident_blocks", None)
     module.to("cpu")
     apply_group_offloading(
         module,
@@ -244,13 +263,86 @@ def stream_weights(module: torch.nn.Module, device: torch.device, leaf: bool, lo
         offload_device=torch.device("cpu"),
         offload_type=kind,
         num_blocks_per_group=None if leaf else 1,
-        use_stream=True,
+        use_stream=device.type == "cuda",
         low_cpu_mem_usage=low_ram,
     )
+    return True
+
+
+def resident_blocks(free_bytes: int, needed_bytes: int, block_bytes: int, blocks: int,
+                    margin_bytes: int = int(RESIDENT_MARGIN_GIB * GIB)) -> int:  # fmt: skip
+    """How many of `blocks` blocks of `block_bytes` fit in `free_bytes` beside the mode's own `needed_bytes` and a
+    safety margin: 0 where nothing is left, never more than `blocks`."""
+    if block_bytes <= 0:
+        return blocks
+    room = free_bytes - needed_bytes - margin_bytes
+    return max(0, min(blocks, room // block_bytes))
+
+
+def spread(k: int, blocks: int) -> list[int]:
+    """`k` of `blocks` indices spaced evenly through the stack: a resident block computes while the next streamed
+    one still crosses PCIe, where a run of resident blocks at one end would leave the link idle that long."""
+    return [(2 * i + 1) * blocks // (2 * k) for i in range(k)]
+
+
+def keep_resident(transformer: torch.nn.Module, k: int, device: torch.device) -> list[int]:
+    """Take `k` of the transformer's main blocks (`layers`, spread through the stack) out of block-level streaming
+    and put them on `device` for good; the indices kept.
+
+    Must run after `stream_weights` and before the first forward: diffusers traces the prefetch chain (which block
+    loads which next) at the first forward with streams, so the blocks left hooked then prefetch each other past the
+    resident ones. The unmatched-modules group on the transformer itself is untouched. Uses diffusers' hook names and
+    the lazy prefetch hook's list of tracked blocks (private: tests/test_memory_resident.py fails if they change)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    layers = transformer.layers
+    if not 0 <= k <= len(layers):
+        raise ValueError(f"keep_resident: k={k} is outside 0..{len(layers)} (the transformer's blocks)")
+    top = HookRegistry.check_if_exists_or_initialize(transformer)
+    unmatched = top.get_hook(_GROUP_OFFLOADING)
+    if unmatched is None or unmatched.config.offload_type.value != "block_level":
+        raise RuntimeError("keep_resident needs the transformer streamed block by block (stream_weights) first")
+    lazy = top.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING)
+    if k and unmatched.config.stream is not None and lazy is None:
+        raise RuntimeError("keep_resident must run before the first forward: the prefetch chain is already traced")
+    names = {module: name for name, module in transformer.named_modules()}
+    kept = spread(k, len(layers))
+    for i in kept:
+        block = layers[i]
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.remove_hook(_GROUP_OFFLOADING, recurse=False)
+        registry.remove_hook(_LAYER_EXECUTION_TRACKER, recurse=False)  # present with streams: it traces the order
+        if lazy is not None:
+            lazy._layer_execution_tracker_module_names.discard(names[block])
+        block.to(device)  # its group's pinned copy goes with the removed hook
+    transformer._zstudio_resident_blocks = len(kept)
+    return kept
+
+
+def keep_fitting_blocks(transformer: torch.nn.Module, device: torch.device, reserve_gib: float,
+                        override: int | None = None) -> int:  # fmt: skip
+    """Keep as many main blocks resident as the card's free memory (under a per-process cap, the cap's) holds beside
+    `reserve_gib` and `RESIDENT_MARGIN_GIB`, or `override` of them; logs and returns the number."""
+    layers = transformer.layers
+    block_bytes = sum(t.numel() * t.element_size() for t in (*layers[0].parameters(), *layers[0].buffers()))
+    if override is None:
+        k = resident_blocks(free_memory_bytes(device) or 0, int(reserve_gib * GIB), block_bytes, len(layers))
+    else:
+        k = min(override, len(layers))
+    keep_resident(transformer, k, device)
+    log.info("memory mode stream: %d of %d transformer blocks resident (%.1f GiB), the rest streamed", k,
+             len(layers), k * block_bytes / GIB)  # fmt: skip
+    return k
 
 
 def _stop_streaming(module: torch.nn.Module) -> None:
-    """Remove diffusers' group-offloading hooks, so that a lower mode can put its own in place."""
+    """Remove diffusers' group-offloading hooks, so that a lower mode can put its own in place (blocks kept resident
+    have none; `module.to("cpu")` after this brings them back with the rest)."""
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import (
         _GROUP_OFFLOADING,

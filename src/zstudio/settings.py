@@ -22,6 +22,7 @@
 | ZSTUDIO_UPLOAD_TTL | hours an upload that no history entry or job names is kept    | 24                          |
 | ZSTUDIO_UPLOAD_MAX_MB | the uploads folder's cap (oldest unnamed uploads go first) | 2048                        |
 | ZSTUDIO_PNG_ENCODER | auto (= parallel), parallel or pillow (see zstudio.speed.png) | auto                      |
+| ZSTUDIO_RESIDENT_BLOCKS | memory mode stream: transformer blocks kept on the GPU (0: all streamed) | as many as fit |
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Settings:
     upload_ttl_hours: float = 24.0
     upload_max_mb: float = 2048.0
     png_encoder: str = "auto"
+    resident_blocks: int | None = None  # memory mode stream; None: as many as fit (zstudio.memory)
 
 
 def load_settings() -> Settings:
@@ -88,7 +90,18 @@ def load_settings() -> Settings:
         upload_ttl_hours=_positive_number("ZSTUDIO_UPLOAD_TTL", 24.0),
         upload_max_mb=_positive_number("ZSTUDIO_UPLOAD_MAX_MB", 2048.0),
         png_encoder=os.environ.get("ZSTUDIO_PNG_ENCODER") or "auto",
+        resident_blocks=_count("ZSTUDIO_RESIDENT_BLOCKS"),
     )
+
+
+def _count(name: str) -> int | None:
+    """A whole number >= 0 from the environment; None where unset."""
+    text = (os.environ.get(name) or "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise ParamError(name, f"{text!r} is not a whole number >= 0 (0: stream every block)")
+    return int(text)
 
 
 def _positive_number(name: str, default: float) -> float:
