@@ -13,6 +13,7 @@ def test_a_cap_step_reports_the_choice_and_new_prompt_calls_with_pngs_on_disk(ti
     report = lowmem.main(["cap", "--folder", str(tiny_dir), "--cap", "16", *TINY_RUN, "--json", str(out)])
     assert json.loads(out.read_text())["memory_mode"] == report["memory_mode"] == "resident"  # CPU: no modes
     assert report["text_encoder"] == "resident" and report["new_prompt_call_s"]["n"] == 1
+    assert report["resident_blocks"] is None  # only memory mode stream keeps blocks
     assert report["png_files"] == 3  # warm-up, one timed call, the repeated prompt
     assert report["target_s"] == 1.5 and report["meets_target"] in (True, False)
 

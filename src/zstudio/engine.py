@@ -33,6 +33,7 @@ from .memory import (
     choose_memory,
     choose_text,
     free_after_failure,
+    keep_resident_again,
     needed_gb,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
@@ -620,7 +621,10 @@ class Generator:
         if self.loras.fused != fused:
             self.loras.reset(self.pipe)
             self.loras.fused = fused
-        return self.loras.apply(self.pipe, params.loras)
+        active = self.loras.apply(self.pipe, params.loras)
+        if self.memory == "stream":  # an adapter change made diffusers stream every block again
+            keep_resident_again(self.pipe.transformer, self.device)
+        return active
 
     def encode_prompt(self, text: str, max_sequence_length: int) -> PromptEmbedding:
         """Qwen3's second-to-last hidden states of the chat-wrapped prompt, without padding.

@@ -324,6 +324,21 @@ def keep_resident(transformer: torch.nn.Module, k: int, device: torch.device) ->
     return kept
 
 
+def keep_resident_again(transformer: torch.nn.Module, device: torch.device) -> bool:
+    """Loading or deleting a LoRA adapter makes diffusers re-apply its offloading to every block
+    (`_maybe_remove_and_reapply_group_offloading`): take stream's resident blocks out of it again. True if it did."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    k = getattr(transformer, "_zstudio_resident_blocks", 0)
+    if not k:
+        return False
+    first = transformer.layers[spread(k, len(transformer.layers))[0]]
+    if not hasattr(first, "_diffusers_hook") or first._diffusers_hook.get_hook(_GROUP_OFFLOADING) is None:
+        return False  # still resident
+    keep_resident(transformer, k, device)
+    return True
+
+
 def keep_fitting_blocks(transformer: torch.nn.Module, device: torch.device, reserve_gib: float,
                         override: int | None = None) -> int:  # fmt: skip
     """Keep as many main blocks resident as the card's free memory (under a per-process cap, the cap's) holds beside

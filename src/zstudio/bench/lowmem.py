@@ -86,11 +86,14 @@ def run_cap(args) -> dict[str, Any]:
         "memory_mode": generator.memory,
         "text_encoder": generator.text_placement,
         "speed": generator.speed,
+        # memory mode stream: transformer blocks kept on the GPU (zstudio.memory.keep_fitting_blocks); None elsewhere
+        "resident_blocks": getattr(generator.pipe.transformer, "_zstudio_resident_blocks", None),
         "load_s": load_s,
         "host_peak_gb_after_load": host_peak_gb(),
     }
     print(f"cap {args.cap} GiB: memory {generator.memory}, text encoder {generator.text_placement}, speed "
-          f"{generator.speed}, loaded in {load_s:.1f} s", flush=True)  # fmt: skip
+          f"{generator.speed}, resident blocks {report['resident_blocks']}, loaded in {load_s:.1f} s",
+          flush=True)  # fmt: skip
     prompt = new_prompts(f"cap {args.cap}")
     width, height = args.size
 
@@ -262,8 +265,8 @@ def drive(args) -> dict[str, Any]:
         report["caps"][str(cap)] = child(["cap", "--cap", str(cap)], args, min(args.child_timeout, left()))
         save()
     report["total_s"] = time.perf_counter() - start
-    report["summary"] = {cap: {k: entry.get(k) for k in ("memory_mode", "text_encoder", "speed", "meets_target",
-                                                         "target_s", "error")}
+    report["summary"] = {cap: {k: entry.get(k) for k in ("memory_mode", "text_encoder", "speed", "resident_blocks",
+                                                         "meets_target", "target_s", "error")}
                          | {"median_s": entry.get("new_prompt_call_s", {}).get("median")}
                          for cap, entry in report["caps"].items()}  # fmt: skip
     return emit(report, args.json)
