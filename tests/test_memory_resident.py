@@ -221,3 +221,26 @@ def test_a_lora_keeps_the_resident_blocks_resident_and_the_pixels(tiny_dir, tmp_
 
 def pixels_of(generator) -> np.ndarray:
     return np.asarray(generator.generate_images(PARAMS).images[0]).astype(int)
+
+
+def test_out_of_memory_in_stream_first_streams_the_resident_blocks_too(tiny_dir, tmp_path, caplog):
+    """The first retry stays in stream (same pixels) with every block streamed; only a second failure goes lower."""
+    generator = Generator(model=str(tiny_dir), device="cpu", outputs=tmp_path).load()
+    expected = pixels_of(generator)
+    generator.memory = "stream"  # on the CPU the mode collapses: stream by hand, as apply_memory does on CUDA
+    transformer = generator.pipe.transformer
+    stream_weights(transformer, CPU, leaf=False, low_ram=False)
+    keep_resident(transformer, 1, CPU)
+    raised = []
+
+    def out_of_memory_once(step, total):
+        if not raised:
+            raised.append(step)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with caplog.at_level(logging.WARNING, logger="zstudio.engine"):
+        result = generator.generate_images(PARAMS, progress=out_of_memory_once)
+    assert "retrying once with every transformer block streamed (1 were resident)" in caplog.text
+    assert generator.memory == "stream" and result.metadata[0]["memory_mode"] == "stream"
+    assert all(group_hook(block) is not None for block in transformer.layers)
+    assert np.array_equal(np.asarray(result.images[0]).astype(int), expected)

@@ -35,6 +35,7 @@ from .memory import (
     free_after_failure,
     keep_resident_again,
     needed_gb,
+    release_resident,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
 from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, ParamError, check_choice
@@ -415,8 +416,9 @@ class Generator:
     def generate_images(self, params: GenerationParams, progress: ProgressCallback | None = None) -> GenerationResult:
         """Generate without saving: PIL images, the seeds used and each image's metadata.
 
-        Out of GPU memory, the failed run's memory is freed; in auto memory mode the next lower mode is put in place
-        and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
+        Out of GPU memory, the failed run's memory is freed; in memory mode stream with resident blocks it is retried
+        once with every block streamed (the same pixels); then in auto memory mode the next lower mode is put in
+        place and the generation retried once, otherwise `OutOfMemory` names the mode that would fit.
         """
         source = edit.validate(params, self.profile)  # an edit's files, checked before the weights load
         if source is not None:
@@ -430,6 +432,12 @@ class Generator:
         with self._lock:
             if (result := self._attempt(params, progress, source, control_input)) is not None:
                 return result
+            if self.memory == "stream" and (released := release_resident(self.pipe.transformer, self.device)):
+                log.warning("out of GPU memory at %dx%d in memory mode stream; retrying once with every transformer "
+                            "block streamed (%d were resident)", params.width, params.height, released)  # fmt: skip
+                free_after_failure(self.device)
+                if (result := self._attempt(params, progress, source, control_input)) is not None:
+                    return result
             lower = NEXT_MODE[self.memory]
             where = f"{params.width}x{params.height} in memory mode {self.memory}"
             if lower is None:

@@ -27,7 +27,8 @@ fits beside the mode's estimate; that size is an estimate until measured).
 In `stream` every block that crosses PCIe costs time on every forward (the link, not the GPU, sets the pace), so
 the main blocks that fit in what the card has left after the mode's own estimate and a margin (`resident_blocks`)
 stay on the GPU, spread through the stack (`keep_resident`); `ZSTUDIO_RESIDENT_BLOCKS` sets their number instead
-(0: stream every block). `auto`'s estimate is unchanged: the resident blocks only take memory left over.
+(0: stream every block). `auto`'s estimate is unchanged: the resident blocks only take memory left over. Out of
+memory in `stream`, the engine first streams those blocks too (`release_resident`), then moves down.
 
 torchao stays optional: its wheels are built against one torch release each, and a mismatched pair fails at import,
 which would break a default install that never uses 8-bit weights.
@@ -337,6 +338,16 @@ def keep_resident_again(transformer: torch.nn.Module, device: torch.device) -> b
         return False  # still resident
     keep_resident(transformer, k, device)
     return True
+
+
+def release_resident(transformer: torch.nn.Module, device: torch.device) -> int:
+    """Put stream's resident blocks back under streaming (all blocks streamed, as before they were kept): the first
+    answer to an out-of-memory error in stream, before moving down to `lowest`. The number released (0: none)."""
+    k = getattr(transformer, "_zstudio_resident_blocks", 0)
+    if k:
+        _stop_streaming(transformer)
+        stream_weights(transformer, device, leaf=False, low_ram=False)
+    return k
 
 
 def keep_fitting_blocks(transformer: torch.nn.Module, device: torch.device, reserve_gib: float,
