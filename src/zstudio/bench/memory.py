@@ -10,6 +10,7 @@ out-of-memory recovery takes. Smaller cards are simulated on the big one with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ..engine import Generator
     from ..memory import MEMORY_MODES
     from ..models import TURBO, ModelSource
+    from ..settings import load_settings
     from .arch import build_full_pipeline
 
     parser = argparse.ArgumentParser(prog="python -m zstudio.bench.memory", description=__doc__)
@@ -183,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         embeds = pipe._encode_prompt(PROMPT, device="cuda", max_sequence_length=512)[0]
     report["activation_gib"] = {f"{w}x{h}": activation_peaks(pipe, w, h, embeds) for w, h in sizes}
     print(f"activations above the weights: {report['activation_gib']}", flush=True)
-    generator = Generator.from_pipeline(pipe, source, speed=args.speed, memory="resident")
+    # stream's own footprint, what auto's estimate (memory.MEASURED_PEAK_GIB) is built from: no blocks kept resident
+    # (the switch runs before the cap, so the whole card's free memory would keep every block)
+    settings = dataclasses.replace(load_settings(), resident_blocks=0)
+    generator = Generator.from_pipeline(pipe, source, speed=args.speed, memory="resident", settings=settings)
     reference: dict[str, np.ndarray] = {}
 
     def save() -> None:
