@@ -74,8 +74,10 @@ def ensure_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- diffusers
-def diffusers_baselines(folder: Path, calls: int, out: Path) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:
-    """diffusers as its model card shows, from the prompt string; saving timed separately (Pillow defaults)."""
+def diffusers_baselines(folder: Path, calls: int, out: Path, compiled: bool = True
+                        ) -> tuple[dict[str, Any], dict[tuple[str, int], Any]]:  # fmt: skip
+    """diffusers as its model card shows, from the prompt string; saving timed separately (Pillow defaults).
+    `compiled=False` leaves out the compiled series (the eager one and the quality references stay)."""
     from diffusers import ZImagePipeline
 
     from ..models import quiet_loading
@@ -116,8 +118,9 @@ def diffusers_baselines(folder: Path, calls: int, out: Path) -> tuple[dict[str, 
     with torch.inference_mode():
         series("eager", Prompts("diffusers eager"))
         references = {(p, s): np.asarray(call(p, s)) for p, s in QUALITY}
-        pipe.transformer.compile()
-        series("compile", Prompts("diffusers compile"))
+        if compiled:
+            pipe.transformer.compile()
+            series("compile", Prompts("diffusers compile"))
     pipe = None  # free its GPU memory before zstudio loads
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -236,7 +239,8 @@ def calls_command(args: argparse.Namespace) -> dict[str, Any]:
 
     references = {}
     if not args.no_diffusers:
-        report["diffusers"], references = diffusers_baselines(args.folder, args.calls, out)
+        report["diffusers"], references = diffusers_baselines(args.folder, args.calls, out,
+                                                              compiled=not args.diffusers_eager_only)  # fmt: skip
         save()
         if args.references:  # for a later process that skips diffusers (--no-diffusers --references FILE)
             np.savez(args.references, *[references[key] for key in QUALITY])
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     calls.add_argument("--calls", type=int, default=5)
     calls.add_argument("--queue", type=int, default=20, help="jobs through the server queue (first mode)")
     calls.add_argument("--no-diffusers", action="store_true")
+    calls.add_argument("--diffusers-eager-only", action="store_true", help="diffusers eager and the quality "
+                       "references only, no compiled series")  # fmt: skip
     calls.add_argument(
         "--references", type=Path, help=".npz of diffusers' quality images: written, or read with --no-diffusers"
     )
