@@ -83,14 +83,43 @@ def test_scale_zero_gives_the_pixels_without_control(controlled, shape_file):
     assert np.array_equal(pixels(plain.images[0]), pixels(zero.images[0]))
 
 
-def test_control_outside_its_range_changes_nothing(controlled, shape_file):
-    """With 3 steps, control from 0.9 to 1 covers no whole step (diffusers' rule), so no step gets hints."""
+def test_a_range_covering_no_step_is_refused_and_a_partial_one_applies(controlled, shape_file):
+    """With 3 steps, control from 0.9 to 1 covers no whole step (diffusers' rule): refused in one line rather than
+    run without control; 0.3-0.7 covers the middle step and changes the picture."""
     assert [control.active(GenerationParams(prompt="x", control="c", control_start=0.3), i, 3) for i in range(3)] == [
         False, True, True]  # fmt: skip
-    late = run(controlled, control=str(shape_file), control_start=0.9)
-    assert np.array_equal(pixels(late.images[0]), pixels(run(controlled).images[0]))
+    with pytest.raises(ParamError) as err:
+        run(controlled, control=str(shape_file), control_start=0.9)
+    assert err.value.field == "control_start" and "covers none of the 3 steps" in str(err.value)
     middle = run(controlled, control=str(shape_file), control_start=0.3, control_end=0.7)
-    assert not np.array_equal(pixels(middle.images[0]), pixels(late.images[0]))
+    assert not np.array_equal(pixels(middle.images[0]), pixels(run(controlled).images[0]))
+    # An edit runs the schedule's tail: at strength 0.3 of 3 steps only the last runs, which 0-0.5 misses.
+    with pytest.raises(ParamError, match="covers none of the 1 steps"):
+        run(controlled, image=str(shape_file), strength=0.3, control=str(shape_file), control_end=0.5)
+
+
+@pytest.mark.parametrize("layout", ["folder", "single file"])
+def test_inpainting_with_a_controlnet_without_inpaint_channels_is_refused_before_loading(tiny_dir, shape_file,
+                                                                                        tmp_path, layout):  # fmt: skip
+    """A Union 1.0-style ControlNet (16 input channels) cannot take the inpainting channels: said at validation, from
+    its config.json or its safetensors header, before any weights load."""
+    torch.manual_seed(0)
+    reference = ZImageControlNetModel.from_pretrained(tiny_dir / CONTROLNET_FOLDER)
+    config = {k: reference.config[k] for k in ("dim", "n_refiner_layers", "n_heads", "n_kv_heads")}
+    ZImageControlNetModel(control_layers_places=[0], control_in_dim=16, **config).save_pretrained(tmp_path / "v1")
+    spec = tmp_path / "v1"
+    if layout == "single file":
+        spec = tmp_path / "v1" / "diffusion_pytorch_model.safetensors"
+        (tmp_path / "v1" / "config.json").unlink()
+    assert control.control_in_dim(control.resolve(str(spec))) == 16
+    generator = Generator(model=str(tiny_dir), device="cpu", controlnet=str(spec))
+    mask = tmp_path / "mask.png"
+    Image.new("L", Image.open(shape_file).size, 255).save(mask)
+    with pytest.raises(ParamError) as err:
+        generator.generate_images(GenerationParams(prompt="x", **SIZE, image=str(shape_file), mask=str(mask),
+                                                   control=str(shape_file)))  # fmt: skip
+    assert err.value.field == "mask" and "control_in_dim 33" in str(err.value) and "has 16" in str(err.value)
+    assert generator.pipe is None
 
 
 def test_canny_matches_opencv_on_a_rendered_shape(shape_file):

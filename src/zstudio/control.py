@@ -215,6 +215,25 @@ def attach(controlnet: Any, transformer: Any, own_copies: bool = False) -> Any:
     return controlnet
 
 
+INPAINT_IN_DIM = 33  # Union 2.x: 16 control-image latents, the mask, 16 masked-picture latents
+
+
+def control_in_dim(source: ControlNetSource) -> int | None:
+    """The ControlNet's input channels, read from its files without loading it: its config.json, else the shape of
+    its control patch embedder in the safetensors header (in_features = channels x 2 x 2 patches); None if neither
+    says."""
+    folder = source.path if source.path.is_dir() else source.config
+    if folder is not None and (folder / "config.json").is_file():
+        return json.loads((folder / "config.json").read_text()).get("control_in_dim")
+    if source.path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(source.path), framework="pt") as weights:
+            if "control_all_x_embedder.2-1.weight" in weights.keys():
+                return weights.get_slice("control_all_x_embedder.2-1.weight").get_shape()[1] // 4
+    return None
+
+
 def size_gib(source: ControlNetSource) -> float:
     """GiB of the ControlNet's own weights as stored (what it adds to a memory mode's estimate)."""
     files = [source.path] if source.path.is_file() else list(source.path.glob("*.safetensors"))
@@ -291,6 +310,15 @@ def sha256_png(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def check_range(params: GenerationParams, step_counts: list[int]) -> None:
+    """One `control_start` line when control_start..control_end covers none of the steps a request runs (the rule of
+    `active`; `step_counts`: the counts it may run), instead of a generation without control that says nothing."""
+    if not any(active(params, i, n) for n in step_counts for i in range(n)):
+        raise ParamError("control_start", f"{params.control_start:g}-{params.control_end:g} covers none of the "
+                                          f"{max(step_counts)} steps this request runs: widen the range (0-1 is "
+                                          "every step)")  # fmt: skip
 
 
 def active(params: GenerationParams, step: int, steps: int) -> bool:

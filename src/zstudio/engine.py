@@ -163,7 +163,29 @@ class Generator:
             return None
         controlnet = self.resolve_controlnet()
         sized = self.profile.resolve(params)
-        return control.validate(params, controlnet, sized.width, sized.height, settings=self.settings)
+        checked = control.validate(params, controlnet, sized.width, sized.height, settings=self.settings)
+        control.check_range(params, self._steps_run(sized))
+        in_dim = control.control_in_dim(controlnet)
+        if (params.mask or params.outpaint) and in_dim is not None and in_dim < control.INPAINT_IN_DIM:
+            raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
+                                     f"control_in_dim {control.INPAINT_IN_DIM}); {controlnet.name} has "
+                                     f"{in_dim}")  # fmt: skip
+        return checked
+
+    @staticmethod
+    def _steps_run(params: GenerationParams) -> list[int]:
+        """How many steps a resolved request may run: an edit runs the schedule's tail (diffusers' get_timesteps);
+        without a stated strength, a source without a mask may still be inpainted by its alpha: both counts."""
+        steps = params.num_inference_steps
+        if params.image is None:
+            return [steps]
+        if params.strength is not None:
+            strengths = [params.strength]
+        elif params.mask or params.outpaint:
+            strengths = [edit.INPAINT_STRENGTH]
+        else:
+            strengths = [edit.IMAGE_TO_IMAGE_STRENGTH, edit.INPAINT_STRENGTH]
+        return [steps - edit.start_step(steps, strength) for strength in strengths]
 
     @property
     def graphs(self) -> str:
@@ -730,7 +752,7 @@ class Generator:
             latents = torch.cat([latents, keep.unsqueeze(2), masked], dim=1)
         elif inpaint is not None:
             raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
-                                     f"control_in_dim 33); {self.controlnet_spec} has "
+                                     f"control_in_dim {control.INPAINT_IN_DIM}); {self.controlnet_spec} has "
                                      f"{self.controlnet.config.control_in_dim}")  # fmt: skip
         elif missing > 0:
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
