@@ -155,6 +155,35 @@ def test_deleting_an_entry_deletes_the_ui_copies(served_with_token):
     assert not Path(cached).exists()
 
 
+def test_an_uploaded_picture_is_shown_back_and_nothing_else_uploaded_is(served_with_token):
+    """An image box shows what the browser uploaded from Gradio's upload cache: a real PNG, JPEG or WebP comes back;
+    a file named .png that is not one, or any other upload, is refused like every other path."""
+    import io
+
+    from PIL import Image
+
+    runner, client, _ = served_with_token
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
+    uploads = {
+        "photo.png": png.getvalue(),
+        "fake.png": b"<html><script>alert(1)</script></html>",
+        "notes.txt": b"\x89PNG\r\n\x1a\n not a picture",
+    }
+    paths = {}
+    for name, data in uploads.items():
+        answer = client.post("/ui/gradio_api/upload", files={"files": (name, data, "image/png")}, headers=bearer)
+        assert answer.status_code == 200, name
+        paths[name] = answer.json()[0]
+    shown = client.get(f"/ui/gradio_api/file={paths['photo.png']}", headers=bearer)
+    assert shown.status_code == 200 and shown.content == png.getvalue()
+    for name in ("fake.png", "notes.txt"):
+        assert client.get(f"/ui/gradio_api/file={paths[name]}", headers=bearer).status_code == 404, name
+    with httpx.Client(base_url=client.base_url) as stranger:  # no token, no session cookie
+        assert stranger.get(f"/ui/gradio_api/file={paths['photo.png']}").status_code == 401
+
+
 def test_uploads_are_capped_and_same_origin_only(served_with_token):
     runner, client, _ = served_with_token
     bearer = {"Authorization": f"Bearer {TOKEN}"}

@@ -290,4 +290,8 @@ def test_image_to_image_control_preview_in_the_browser(served, picture, source):
         page.wait_for_function("document.querySelector('#img2img-control-preview img').naturalWidth > 0")
         size = preview.evaluate("img => [img.naturalWidth, img.naturalHeight]")
         assert size == [160, 96]  # fitted to the edit's output size (the source's), not the Generate tab's
+        # The uploaded pictures show in their boxes (the access guard serves Gradio's copies of real pictures).
+        for box in ("#img2img-image img", "#img2img-control-image img"):
+            page.wait_for_function(f"document.querySelector('{box}').complete")
+            assert page.locator(box).first.evaluate("img => img.naturalWidth") > 0, box
         browser.close()

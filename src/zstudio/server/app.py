@@ -144,6 +144,7 @@ def create_app(
         token=token,
         file_roots=lambda: [studio.outputs, *studio.cache_dirs],
         input_limit=input_body_limit(max_input_bytes),
+        upload_roots=lambda: studio.cache_dirs,
     )
     return app
 

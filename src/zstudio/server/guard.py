@@ -124,13 +124,15 @@ class AccessGuard:
     """Pure ASGI middleware (it leaves streaming and disconnect detection untouched)."""
 
     def __init__(self, app: ASGIApp, hosts: HostPolicy, token: str | None, file_roots: Callable[[], list[Path]],
-                 input_limit: int = input_body_limit(MAX_INPUT_BYTES)):  # fmt: skip
+                 input_limit: int = input_body_limit(MAX_INPUT_BYTES),
+                 upload_roots: Callable[[], list[Path]] = list):  # fmt: skip
         self.app = app
         self.input_limit = input_limit
         self.hosts = hosts
         self.token = token
         self.session = session_value(token) if token else None
         self.file_roots = file_roots
+        self.upload_roots = upload_roots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -187,7 +189,7 @@ class AccessGuard:
             self._check_body(path, headers)
         match = FILE_ROUTE.match(path)
         if match and not self._servable(match["path"]):
-            raise Refused("file", 404, "not found: only generated images are served")
+            raise Refused("file", 404, "not found: only generated images and uploaded pictures are served")
         return from_query
 
     @staticmethod
@@ -211,14 +213,33 @@ class AccessGuard:
             raise Refused("body", 413, f"the request body is {int(length)} bytes; at most {limit} are accepted here")
 
     def _servable(self, requested: str) -> bool:
-        """Gradio's file route may serve an image by its generated name from the outputs folder or the UI's copies."""
-        if "://" in requested or not IMAGE_NAME.match(Path(requested).name):
+        """Gradio's file route may serve an image by its generated name from the outputs folder or the UI's copies,
+        and, from Gradio's upload cache, a file that is a PNG, JPEG or WebP picture by its first bytes (what a
+        browser uploaded into an image box, shown back in that box)."""
+        if "://" in requested:
             return False
         try:
             path = Path(requested).resolve()
         except (OSError, ValueError):
             return False
-        return any(path.is_relative_to(root) for root in self.file_roots())
+        if IMAGE_NAME.match(path.name) and any(path.is_relative_to(root) for root in self.file_roots()):
+            return True
+        return any(path.is_relative_to(root) for root in self.upload_roots()) and _is_picture(path)
+
+
+PICTURE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; WebP: RIFF....WEBP
+
+
+def _is_picture(path: Path) -> bool:
+    """A PNG, JPEG or WebP file by its name and its first bytes (never by the name alone)."""
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return head.startswith(PICTURE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _bearer(headers: Headers) -> str:
