@@ -234,6 +234,14 @@ def control_in_dim(source: ControlNetSource) -> int | None:
     return None
 
 
+def check_inpaint_channels(name: str, in_dim: int | None) -> None:
+    """One `mask` line when a ControlNet of `in_dim` input channels does not take an inpaint's channels (None:
+    unknown until it loads, checked again then)."""
+    if in_dim is not None and in_dim != INPAINT_IN_DIM:
+        raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
+                                 f"control_in_dim {INPAINT_IN_DIM}); {name} has {in_dim}")  # fmt: skip
+
+
 def size_gib(source: ControlNetSource) -> float:
     """GiB of the ControlNet's own weights as stored (what it adds to a memory mode's estimate)."""
     files = [source.path] if source.path.is_file() else list(source.path.glob("*.safetensors"))

@@ -38,7 +38,7 @@ from .memory import (
     release_resident,
 )
 from .outputs import EXTENSIONS, encode_image, write_file
-from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, ParamError, check_choice
+from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
 from .speed import GRAPH_CHOICES, apply_speed, choose_speed
 
@@ -165,11 +165,8 @@ class Generator:
         sized = self.profile.resolve(params)
         checked = control.validate(params, controlnet, sized.width, sized.height, settings=self.settings)
         control.check_range(params, self._steps_run(sized))
-        in_dim = control.control_in_dim(controlnet)
-        if (params.mask or params.outpaint) and in_dim is not None and in_dim < control.INPAINT_IN_DIM:
-            raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
-                                     f"control_in_dim {control.INPAINT_IN_DIM}); {controlnet.name} has "
-                                     f"{in_dim}")  # fmt: skip
+        if params.mask or params.outpaint:  # read from its files only when an inpaint asks
+            control.check_inpaint_channels(controlnet.name, control.control_in_dim(controlnet))
         return checked
 
     @staticmethod
@@ -617,13 +614,13 @@ class Generator:
 
         A batch's images are encoded in parallel (Pillow's encoder releases the GIL), then written in order."""
         directory = Path(output_dir) if output_dir is not None else self.outputs
-        fmt = result.params.output_format
+        fmt, png_encoder = result.params.output_format, self.settings.png_encoder
         pairs = list(zip(result.images, result.metadata))
         if len(pairs) > 1:
             with ThreadPoolExecutor(max_workers=min(len(pairs), 4)) as pool:
-                blobs = list(pool.map(lambda pair: encode_image(pair[0], pair[1], fmt), pairs))
+                blobs = list(pool.map(lambda pair: encode_image(pair[0], pair[1], fmt, png_encoder), pairs))
         else:
-            blobs = [encode_image(image, meta, fmt) for image, meta in pairs]
+            blobs = [encode_image(image, meta, fmt, png_encoder) for image, meta in pairs]
         return [write_file(blob, directory, EXTENSIONS[fmt]) for blob in blobs]
 
     def upscale(self, image: str | Path, scale: float = 2.0, model: str | None = None, tile: int | None = None,
@@ -751,9 +748,7 @@ class Generator:
             masked = self.control_latents(inpaint.pixels() * (mask < 0.5))
             latents = torch.cat([latents, keep.unsqueeze(2), masked], dim=1)
         elif inpaint is not None:
-            raise ParamError("mask", f"with control needs a ControlNet with inpainting channels (Union 2.x: "
-                                     f"control_in_dim {control.INPAINT_IN_DIM}); {self.controlnet_spec} has "
-                                     f"{self.controlnet.config.control_in_dim}")  # fmt: skip
+            control.check_inpaint_channels(self.controlnet_spec, self.controlnet.config.control_in_dim)
         elif missing > 0:
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
         return ControlHint(latents, params.control_scale, params.control_start, params.control_end)
