@@ -8,6 +8,7 @@ minutes inductor takes on a CPU.
 """
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -43,7 +44,7 @@ def test_control_on_and_off_after_the_warmup_compiles_nothing(tiny_dir, tmp_path
     try:
         speed_up_transformer(generator.pipe.transformer, "fast")
         speed_up_controlnet(generator.controlnet, "fast")
-        assert all(b._zstudio_compiled_core for b in generator.controlnet.control_layers)  # the compiled middle
+        assert all(b._zstudio_control_forward for b in generator.controlnet.control_layers)  # the compiled middle
         runs = [r.replace(num_inference_steps=1) for r in warmup_runs([(128, 128)], (128, 128))]
         for params in runs + control_warmup_runs(runs, str(tmp_path / "disc.png")):
             generator.generate_images(params)
@@ -70,13 +71,64 @@ def test_control_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_path):
     assert report["ratio"] > 0 and report["graphs_compiled_after_warmup"] == 0
 
 
-def test_compiled_control_blocks_match_diffusers_and_do_not_grow_with_the_block_count(tiny_dir, monkeypatch):
-    """The control block's forward with its middle compiled gives diffusers' `ZImageControlTransformerBlock.forward`
-    outputs exactly (this fails the day diffusers changes the block), and a ControlNet of 6 control blocks compiles
-    no more graphs than one of 2: the position-dependent stacking is left out of the graph."""
-    from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+LAYOUTS = {  # diffusers' three ControlNet layouts: Union 2.x, Union 1.0, and control blocks run as the refiner too
+    "2.x": {"add_control_noise_refiner": "control_noise_refiner", "control_in_dim": 33},
+    "1.0": {"add_control_noise_refiner": None, "control_refiner_layers_places": None, "control_in_dim": 16},
+    "control_layers": {"add_control_noise_refiner": "control_layers", "control_in_dim": 33},
+}
+
+
+def _random_controlnet(transformer, places: list[int], **layout):
+    from diffusers import ZImageControlNetModel
 
     from zstudio.tiny import TINY_SIZES, build_controlnet
+
+    config = {**build_controlnet(TINY_SIZES).config, "control_layers_places": places, **layout}
+    controlnet = ZImageControlNetModel.from_config(config)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.normal_(0, 0.05)
+    return ZImageControlNetModel.from_transformer(controlnet.eval(), transformer)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sync_free_forward_gives_diffusers_hints(tiny_dir, layout):
+    """zstudio's ControlNet forward (`speed.control_forward`: no boolean-mask assignments, no all-true masks, no
+    hint re-stacking) returns diffusers' `ZImageControlNetModel.forward` hints, for every layout diffusers has, for
+    one image and for a batch whose prompts differ in length (padded, so masked). This fails the day diffusers
+    changes its forward."""
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from zstudio.speed import control_forward
+
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    torch.manual_seed(0)
+    controlnet = _random_controlnet(transformer, [0, 1], **LAYOUTS[layout])
+    in_dim = controlnet.config.control_in_dim
+    for lengths in ([7], [7, 40]):  # prompts are padded to 32 tokens: 7 and 40 differ
+        latents = [torch.randn(16, 1, 8, 8) for _ in lengths]
+        prompts = [torch.randn(n, transformer.config.cap_feat_dim) for n in lengths]
+        context = torch.randn(len(lengths), in_dim, 1, 8, 8)
+        timestep = torch.full((len(lengths),), 0.4)
+        with torch.inference_mode():
+            reference = controlnet(latents, timestep, prompts, context, conditioning_scale=0.7)
+            control_forward.install(controlnet, ZImageTransformerBlock.forward)
+            try:
+                ours = controlnet(latents, timestep, prompts, context, conditioning_scale=0.7)
+            finally:
+                control_forward.uninstall(controlnet)
+        assert not any("forward" in vars(m) for m in controlnet.modules())  # diffusers' forward is back
+        assert reference.keys() == ours.keys() == set(controlnet.config.control_layers_places)
+        for k in reference:
+            torch.testing.assert_close(ours[k], reference[k], rtol=1e-5, atol=1e-6)
+        assert all(reference[k].abs().max() > 1e-3 for k in reference)  # hints that are not all zero
+
+
+def test_compiled_control_blocks_do_not_grow_with_the_block_count(tiny_dir, monkeypatch):
+    """The compiled ControlNet gives diffusers' hints, and a ControlNet of 6 control blocks compiles no more graphs
+    than one of 2: one compiled block function serves every block, the position-dependent parts stay outside."""
+    from diffusers import ZImageTransformer2DModel
 
     compiled = []
 
@@ -89,13 +141,7 @@ def test_compiled_control_blocks_match_diffusers_and_do_not_grow_with_the_block_
     torch.manual_seed(0)
     counts = []
     for places in ([0, 1], [0, 1, 2, 3, 4, 5]):
-        controlnet = build_controlnet(TINY_SIZES)
-        config = {**controlnet.config, "control_layers_places": places}
-        controlnet = ZImageControlNetModel.from_config(config)
-        with torch.no_grad():
-            for p in controlnet.parameters():
-                p.normal_(0, 0.05)
-        controlnet = ZImageControlNetModel.from_transformer(controlnet.eval(), transformer)
+        controlnet = _random_controlnet(transformer, places, **LAYOUTS["2.x"])
         latents = [torch.randn(16, 1, 8, 8)]
         prompt = [torch.randn(7, transformer.config.cap_feat_dim)]
         context = torch.randn(1, controlnet.config.control_in_dim, 1, 8, 8)
@@ -111,7 +157,51 @@ def test_compiled_control_blocks_match_diffusers_and_do_not_grow_with_the_block_
             finally:
                 compile_module.uncompile(controlnet)
                 torch._dynamo.reset()
-            assert not any("forward" in vars(b) for b in controlnet.control_layers)  # uncompile restores diffusers'
+            assert not any("forward" in vars(b) for b in controlnet.modules())  # uncompile restores diffusers'
 
-        assert reference.keys() == ours.keys() and all(torch.equal(reference[k], ours[k]) for k in reference)
+        assert reference.keys() == ours.keys()
+        for k in reference:
+            torch.testing.assert_close(ours[k], reference[k], rtol=1e-5, atol=1e-6)
     assert counts[0] == counts[1] and counts[0] > 0
+
+
+@pytest.mark.parametrize("layout", ["1.0", "2.x"])
+def test_transformer_reuses_the_controlnets_refined_tokens_where_they_are_its_own(tiny_dir, layout):
+    """Union 1.0's ControlNet runs the transformer's noise and context refiners on the transformer's own inputs, so
+    the transformer takes their output (`shared_refiners`) instead of running them again: its velocity is the same
+    as with them run, and each refiner ran once a step instead of twice. Union 2.x adds hints inside its noise
+    refiner, so nothing is shared there."""
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from zstudio.speed import control_forward
+
+    transformer = ZImageTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer").eval()
+    torch.manual_seed(1)
+    controlnet = _random_controlnet(transformer, [0, 1], **LAYOUTS[layout])
+    calls = {"noise": 0, "context": 0}
+    refiners = transformer.noise_refiner, transformer.context_refiner
+    transformer.noise_refiner[0].register_forward_hook(lambda *a: calls.__setitem__("noise", calls["noise"] + 1))
+    transformer.context_refiner[0].register_forward_hook(lambda *a: calls.__setitem__("context", calls["context"] + 1))
+    for lengths in ([7, 7], [7, 40]):
+        latents = [torch.randn(16, 1, 8, 8) for _ in lengths]
+        prompts = [torch.randn(n, transformer.config.cap_feat_dim) for n in lengths]
+        context = torch.randn(len(lengths), controlnet.config.control_in_dim, 1, 8, 8)
+        timestep = torch.full((len(lengths),), 0.3)
+        with torch.inference_mode():
+            hints = controlnet(latents, timestep, prompts, context, conditioning_scale=0.8)
+            reference = transformer(latents, timestep, prompts, controlnet_block_samples=hints, return_dict=False)[0]
+            control_forward.install(controlnet, ZImageTransformerBlock.forward)
+            try:
+                calls.update(noise=0, context=0)
+                hints = controlnet(latents, timestep, prompts, context, conditioning_scale=0.8)
+                with control_forward.shared_refiners(transformer, controlnet):
+                    ours = transformer(latents, timestep, prompts, controlnet_block_samples=hints, return_dict=False)[0]
+            finally:
+                control_forward.uninstall(controlnet)
+        runs = 1 if layout == "1.0" else 2
+        assert calls == {"noise": runs, "context": runs}
+        assert (transformer.noise_refiner, transformer.context_refiner) == refiners  # put back
+        assert "_zstudio_refined" not in vars(controlnet)
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -425,3 +425,19 @@ def test_edit_benchmark_times_each_kind_of_call_on_the_cpu(tiny_dir, tmp_path):
     steps = report["text_to_image"]["transformer_evaluations"]
     cut = steps - int(steps - steps * 0.6)  # diffusers' get_timesteps: the last strength x steps of the schedule
     assert evaluations == {"image_to_image": cut, "inpaint": steps, "inpaint_at_strength": cut}
+
+
+def test_image_pixels_are_diffusers_image_processor_output():
+    """The VAE's input made on the device (uint8 across, then x / 255 · 2 − 1) equals diffusers' VaeImageProcessor
+    output exactly, for RGB and for a picture that needs converting."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from zstudio.edit import image_pixels
+
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    for picture in (rgb, rgb.convert("L").convert("RGB"), Image.fromarray(rng.integers(0, 256, (48, 80), np.uint8))):
+        expected = VaeImageProcessor(vae_scale_factor=8).preprocess(picture.convert("RGB")).float()
+        got = image_pixels(picture)
+        assert got.shape == (1, 3, 48, 80) and got.is_contiguous() and got.dtype == torch.float32
+        assert torch.equal(got, expected)

@@ -134,7 +134,7 @@ def test_depth_map_is_transformers_depth_at_the_output_size_in_three_equal_chann
     expected = library_depth(depth_folder, fitted(picture))
     assert same_map(ours[..., 0], expected)
     assert ours.min() == 0 and ours.max() == 255  # stretched to the full range
-    assert got.recipe["preprocessor"] == "depth" and got.recipe["sha256"] == control.sha256_png(got.image)
+    assert got.recipe["preprocessor"] == "depth" and got.recipe["sha256"] == control.sha256_pixels(got.image)
 
 
 def test_metric_depth_is_flipped_so_near_is_white(monkeypatch, picture, tmp_path):
@@ -201,7 +201,7 @@ def test_generate_records_the_depth_preprocessor_and_the_control_hash(monkeypatc
     result = generator.generate_images(params)
     recipe = result.metadata[0]["control"]
     assert recipe["preprocessor"] == "depth" and recipe["type"] == "depth"
-    assert recipe["sha256"] == expected.recipe["sha256"] == control.sha256_png(expected.image)
+    assert recipe["sha256"] == expected.recipe["sha256"] == control.sha256_pixels(expected.image)
     assert result.images[0].size == expected.image.size
 
 

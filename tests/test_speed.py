@@ -114,14 +114,14 @@ def test_uncompile_clears_every_compiled_block(tiny_dir):
 
 
 def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
-    """What `fast` compiles on a GPU (blocks and VAE decoder, dynamic shapes), here on the CPU: after the warm-up's
-    runs, other sizes, batches, prompt lengths, guidance, image-to-image and inpainting reuse the graphs, and pixels
-    match the eager ones."""
+    """What `fast` compiles on a GPU (blocks and the VAE, its encoder as with a ControlNet; dynamic shapes), here on
+    the CPU: after the warm-up's runs (and its VAE encoder passes), other sizes, batches, prompt lengths, guidance,
+    and image-to-image and inpainting at two sizes reuse the graphs, and pixels match the eager ones."""
     from torch._dynamo.utils import counters
 
     from zstudio.engine import warmup_runs
     from zstudio.speed import speed_up_transformer
-    from zstudio.speed.compile import compile_vae_decoder
+    from zstudio.speed.compile import compile_vae_decoder, compile_vae_encoder
 
     generator = Generator(model=str(tiny_dir), device="cpu", speed="exact", outputs=tmp_path).load()
     # Sizes above 256x256 only: on the CPU the decoder's convolutions pick their code path by input size below
@@ -139,8 +139,10 @@ def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
     try:
         speed_up_transformer(generator.pipe.transformer, "fast")
         compile_vae_decoder(generator.pipe.vae)
+        compile_vae_encoder(generator.pipe.vae)  # as with a ControlNet loaded
         for params in warmup_runs([(320, 320), (384, 320)], (320, 320)):
             generator.generate_images(params)
+        generator._warm_vae_encoder([(320, 320), (384, 320)], (320, 320))
         before = counters["stats"]["unique_graphs"]
         assert before > 0  # the warm-up did compile
         results = [request(*case) for case in later]
@@ -149,7 +151,9 @@ def test_after_the_warmup_no_request_compiles(tiny_dir, tmp_path):
         mask = Image.new("L", (320, 320), 0)
         mask.paste(255, (80, 80, 240, 240))
         mask.save(tmp_path / "mask.png")
-        for extra in ({"strength": 0.6}, {"mask": str(tmp_path / "mask.png")}):  # image-to-image, inpainting
+        edits = ({"strength": 0.6}, {"mask": str(tmp_path / "mask.png")}, {"strength": 0.5, "width": 448,
+                 "height": 384})  # image-to-image, inpainting, image-to-image at another size  # fmt: skip
+        for extra in edits:
             generator.generate_images(GenerationParams(prompt="a green circle", image=str(source),
                                                        num_inference_steps=2, seed=2, **extra))  # fmt: skip
         assert counters["stats"]["unique_graphs"] == before

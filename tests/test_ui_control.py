@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from helpers import CHROMIUM, FLAGS, Running, ui_request
-from zstudio.control import sha256_png
+from zstudio.control import sha256_pixels
 from zstudio.engine import Generator
 from zstudio.outputs import read_metadata
 from zstudio.server.app import create_app
@@ -165,7 +165,7 @@ def assert_records_control(meta: dict[str, Any], picture: str, preview: Image.Im
     expected = ("canny", "canny", 0.9, 0.25, 0.75)
     assert (control["type"], control["preprocessor"], control["scale"], control["start"], control["end"]) == expected
     assert control["source_sha256"] == hashlib.sha256(open(picture, "rb").read()).hexdigest()
-    assert control["sha256"] == sha256_png(preview)  # the image the model saw is the one the tab's Preview showed
+    assert control["sha256"] == sha256_pixels(preview)  # the image the model saw is the one the tab's Preview showed
 
 
 @pytest.fixture(scope="module")

@@ -305,19 +305,18 @@ def validate(
         image = PREPROCESSORS[name].run(image, settings)
         recipe["preprocessor"] = name
         recipe["source_sha256"] = info["sha256"]
-        recipe["sha256"] = sha256_png(image)  # the control image the model saw, as a lossless PNG
+        recipe["sha256"] = sha256_pixels(image)  # the pixels of the control image the model saw
     else:
         recipe["sha256"] = info["sha256"]
     return ControlInput(image=image, recipe=recipe)
 
 
-def sha256_png(image: Image.Image) -> str:
+def sha256_pixels(image: Image.Image) -> str:
+    """SHA-256 of an image's RGB pixels, row by row (`hashlib.sha256(image.convert("RGB").tobytes())`): the same
+    for every encoder, and 1 ms where hashing a PNG of a 1024x1024 image took 19 ms on the request's path."""
     import hashlib
-    import io
 
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
+    return hashlib.sha256((image if image.mode == "RGB" else image.convert("RGB")).tobytes()).hexdigest()
 
 
 def check_range(params: GenerationParams, step_counts: list[int]) -> None:

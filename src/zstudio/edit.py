@@ -53,6 +53,20 @@ INPAINT_STRENGTH = 1.0
 LATENT_SCALE = 16  # pixels per latent patch of Z-Image's VAE (8) and transformer (2): diffusers' vae_scale_factor * 2
 
 
+def image_pixels(image: Image.Image, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An RGB picture (sides multiples of 8) as the VAE takes it: (1, 3, H, W) float32 in [-1, 1], contiguous.
+
+    The arithmetic of diffusers' `VaeImageProcessor.preprocess` (x / 255, then 2x - 1, in float32; a test holds
+    the two equal), done on `device`: a quarter of the bytes (uint8) cross to it, and the GPU does the rest (it was
+    ~20 ms of CPU per 1024x1024 control image)."""
+    import torch
+
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    pixels = torch.from_numpy(np.array(rgb)).to(device)
+    pixels = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    return (2.0 * pixels - 1.0).contiguous()
+
+
 @dataclass(frozen=True)
 class EditInput:
     """What an edit draws from: the canvas and mask at the output size, and the recipe recorded with each result."""
@@ -62,11 +76,9 @@ class EditInput:
     mask: Image.Image | None  # "L", 0 or 255, white = repaint; None = image-to-image
     recipe: dict[str, Any]
 
-    def pixels(self) -> torch.Tensor:
-        """The canvas as the VAE takes it, (1, 3, H, W) in [-1, 1], through diffusers' own image processor."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        return VaeImageProcessor(vae_scale_factor=LATENT_SCALE).preprocess(self.image).float()
+    def pixels(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The canvas as the VAE takes it (`image_pixels`)."""
+        return image_pixels(self.image, device)
 
     def latent_mask(self, size: tuple[int, int]) -> torch.Tensor:
         """The mask at the latents' size, (1, 1, h, w), 1 = repaint: binarised and nearest-resized as diffusers'

@@ -41,6 +41,7 @@ from .outputs import EXTENSIONS, encode_image, write_file
 from .params import ASPECT_RATIOS, MAX_SEED, PRESETS, GenerationParams, check_choice
 from .settings import DEFAULT_MODEL, Settings, load_settings
 from .speed import GRAPH_CHOICES, apply_speed, choose_speed
+from .speed.control_forward import shared_refiners
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,10 @@ class Generator:
         self.controlnet = control.attach(controlnet, self.pipe.transformer, own_copies=self.memory in STREAMED)
         self._place_controlnet()
         speed_up_controlnet(self.controlnet, self.speed)
+        if self.compiled:  # every controlled request encodes its control image
+            from .speed.compile import compile_vae_encoder
+
+            compile_vae_encoder(self.pipe.vae)
 
     def _place_controlnet(self) -> None:
         """The ControlNet where its memory mode keeps it: resident in bf16 beside the transformer (resident,
@@ -324,6 +329,7 @@ class Generator:
                         self.token_encoder([self.pipe.tokenizer.pad_token_id or 0] * length, self.device)
                 log.info("warm-up: text encoder at %d tokens (%.1f s so far)", length, time.perf_counter() - start)
         if self.controlnet is not None and self.compiled:
+            self._warm_vae_encoder(sizes or offered_sizes(p), (p.width, p.height))
             runs += control_warmup_runs(runs, self._warmup_control_image(p.width, p.height))
         for i, params in enumerate(runs, 1):
             log.info("warm-up %d/%d: %dx%d, batch %d%s%s", i, len(runs), params.width, params.height,
@@ -333,6 +339,16 @@ class Generator:
         seconds = time.perf_counter() - start
         log.info("warmed up (%d runs) in %.1f s", len(runs), seconds)
         return seconds
+
+    def _warm_vae_encoder(self, sizes: list[tuple[int, int]], default: tuple[int, int]) -> None:
+        """The compiled VAE encoder (with a ControlNet) at a non-square size first, then the default one: one
+        graph with width and height as separate symbols then serves every size (compiled at a square size first,
+        the first non-square one would compile again, as the decoder did)."""
+        vae = self.pipe.vae
+        for width, height in [next((s for s in sizes if s[0] != s[1]), default), default]:
+            with torch.inference_mode():
+                vae.encode(torch.zeros(1, 3, height, width, device=self.device, dtype=vae.dtype))
+        log.info("warm-up: VAE encoder")
 
     def _warmup_control_image(self, width: int, height: int) -> str:
         """A plain grey control image for the warm-up's controlled runs (what it shows does not matter to the
@@ -715,7 +731,7 @@ class Generator:
         canvas once; each image draws, from its own seed on the CPU, first its latent sample, then its noise; the
         scheduler's `scale_noise` mixes them at the first timestep."""
         vae = self.pipe.vae
-        distribution = vae.encode(source.pixels().to(self.device, vae.dtype)).latent_dist
+        distribution = vae.encode(source.pixels(self.device).to(vae.dtype)).latent_dist
         image_latents, noise = [], []
         for seed in seeds:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -737,7 +753,7 @@ class Generator:
         the picture with the repainted area blacked out."""
         from diffusers.image_processor import VaeImageProcessor
 
-        pixels = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE).preprocess(control_input.image)
+        pixels = edit.image_pixels(control_input.image, self.device)  # its image processor's arithmetic, on the GPU
         latents = self.control_latents(pixels)
         missing = self.controlnet.config.control_in_dim - latents.shape[1]
         if inpaint is not None and missing == 1 + latents.shape[1]:
@@ -745,7 +761,7 @@ class Generator:
             binarise = VaeImageProcessor(vae_scale_factor=edit.LATENT_SCALE // 2, do_normalize=False,
                                          do_binarize=True, do_convert_grayscale=True)  # fmt: skip
             mask = binarise.preprocess(inpaint.mask, height=pixels.shape[-2], width=pixels.shape[-1])
-            masked = self.control_latents(inpaint.pixels() * (mask < 0.5))
+            masked = self.control_latents(inpaint.pixels(self.device) * (mask.to(self.device) < 0.5))
             latents = torch.cat([latents, keep.unsqueeze(2), masked], dim=1)
         elif inpaint is not None:
             control.check_inpaint_channels(self.controlnet_spec, self.controlnet.config.control_in_dim)
@@ -818,7 +834,9 @@ class Generator:
         if hint is not None:
             context = hint.context.to(self.controlnet.dtype).expand(len(latents), *hint.context.shape[1:])
             samples = self.controlnet(latents, timestep, prompts, context, conditioning_scale=hint.scale)
-        out = self.pipe.transformer(latents, timestep, prompts, controlnet_block_samples=samples, return_dict=False)[0]
+        transformer = self.pipe.transformer
+        with shared_refiners(transformer, self.controlnet):  # what the ControlNet's forward refined already
+            out = transformer(latents, timestep, prompts, controlnet_block_samples=samples, return_dict=False)[0]
         return torch.stack([o.float() for o in out]).squeeze(2)
 
     @staticmethod

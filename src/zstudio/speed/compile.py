@@ -70,37 +70,22 @@ def compile_transformer(transformer, graphs: bool = False) -> None:
 
 
 def compile_control_blocks(controlnet) -> None:
-    """The ControlNet's own blocks compiled like the transformer's (symbolic shapes, one graph serving every block).
+    """The ControlNet's blocks compiled like the transformer's (symbolic shapes, one graph serving every block), run
+    by zstudio's sync-free ControlNet forward (`control_forward`).
 
-    A control block is a transformer block between two steps that depend on its position: it unbinds the hints the
-    blocks before it stacked, and stacks one more. Compiled whole, each position is a graph of its own (dynamo guards
-    on the stack's length): 17 for Union 2.x, per batch and guidance case, minutes of warm-up each. So only the
-    middle is compiled (exactly diffusers' `ZImageTransformerBlock.forward`, the control block as `self`), and the
-    unbinding and stacking, which only move memory, run as they are (`control_block_forward`). The refiners the
-    ControlNet shares with the transformer are compiled with it."""
-    from diffusers.models.controlnets.controlnet_z_image import ZImageControlTransformerBlock
+    A control block is a transformer block between two steps that depend on its position (diffusers' unbinds the
+    hints the blocks before it stacked, and stacks one more). Compiled whole, each position is a graph of its own
+    (dynamo guards on the stack's length): 17 for Union 2.x, per batch and guidance case, minutes of warm-up each. So
+    only the middle is compiled, exactly diffusers' `ZImageTransformerBlock.forward` with the block as `self`; the
+    position-dependent parts run as they are. The refiners the ControlNet shares with the transformer are compiled
+    with it."""
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from . import control_forward
 
     _allow_variants()
     core = torch.compile(ZImageTransformerBlock.forward, fullgraph=True, dynamic=True, backend=BACKEND)
-    for block in controlnet.modules():
-        if isinstance(block, ZImageControlTransformerBlock):
-            block.forward = functools.partial(control_block_forward, block, core)
-            block._zstudio_compiled_core = True
-
-
-def control_block_forward(block, core, c: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor,
-                          freqs_cis: torch.Tensor, adaln_input: torch.Tensor | None = None
-                          ) -> torch.Tensor:  # fmt: skip
-    """diffusers' `ZImageControlTransformerBlock.forward` (0.42), its middle run by `core` (tests compare the two)."""
-    if block.block_id == 0:
-        c = block.before_proj(c) + x
-        hints = []
-    else:
-        hints = list(torch.unbind(c))
-        c = hints.pop(-1)
-    c = core(block, c, attn_mask, freqs_cis.contiguous(), adaln_input)  # as `_contiguous_freqs`, outside the graph
-    return torch.stack([*hints, block.after_proj(c), c])
+    control_forward.install(controlnet, core)
 
 
 def drop_graphs() -> None:
@@ -114,14 +99,25 @@ def drop_graphs() -> None:
 
 def uncompile(transformer) -> None:
     """Undo `compile_blocks`, `compile_transformer` and `compile_control_blocks` (lower memory modes run eager)."""
+    from . import control_forward
+
+    control_forward.uninstall(transformer)  # a ControlNet's sync-free forward and its blocks' compiled middle
     transformer._compiled_call_impl = None
     for block in transformer.modules():
         if block is not transformer and getattr(block, "_compiled_call_impl", None) is not None:
             block._compiled_call_impl = None
-        if vars(block).pop("_zstudio_compiled_core", False):  # a control block's compiled middle (not a hook's)
-            del block.forward
 
 
 def compile_vae_decoder(vae) -> None:
     vae.to(memory_format=torch.channels_last)
     vae.decoder.compile(dynamic=True, backend=BACKEND)
+
+
+def compile_vae_encoder(vae) -> None:
+    """The VAE encoder compiled with dynamic sizes, where every request uses it: with a ControlNet (each control
+    image goes through it). Eager, it took 76 ms for a 1024x1024 control image on the H100, compiled 30 ms; but
+    compiling it added 52 s to a first start and ~5 s to a later one, which text-to-image alone never gets back,
+    so edits without a ControlNet keep it eager (docs/perf-notes.md)."""
+    if getattr(vae.encoder, "_compiled_call_impl", None) is None:
+        vae.to(memory_format=torch.channels_last)
+        vae.encoder.compile(dynamic=True, backend=BACKEND)
