@@ -205,3 +205,14 @@ def test_transformer_reuses_the_controlnets_refined_tokens_where_they_are_its_ow
         assert "_zstudio_refined" not in vars(controlnet)
         for a, b in zip(ours, reference):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_control_quality_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_path):
+    """The benchmark that holds zstudio's controlled images against diffusers' ZImageControlNetPipeline: on the
+    CPU (exact) both draw the same pictures, for both Union layouts."""
+    from zstudio.bench.control_quality import main
+
+    report = main(["--folder", str(tiny_dir), "--size", "128", "--steps", "2", "--device", "cpu", "--speed", "exact",
+                   "--json", str(tmp_path / "q.json")])  # fmt: skip
+    assert sorted(report["psnr_db"]) == ["1.0", "2.1"]
+    assert all(score > 40 for scores in report["psnr_db"].values() for score in scores)
