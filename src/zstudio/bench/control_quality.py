@@ -124,9 +124,9 @@ def random_controlnet(union: str, size: int, device: torch.device, dtype: torch.
 
     layout, config = UNIONS[union], tiny_controlnet(TINY_SIZES).config
     refiner = layout.get("add_control_noise_refiner")
+    refiner_places = list(range(config["n_refiner_layers"])) if refiner else None
     config = {**config, "control_layers_places": [0, 1], "control_in_dim": layout["control_in_dim"],
-              "add_control_noise_refiner": refiner,
-              "control_refiner_layers_places": list(range(config["n_refiner_layers"])) if refiner else None}  # fmt: skip
+              "add_control_noise_refiner": refiner, "control_refiner_layers_places": refiner_places}  # fmt: skip
     model = ZImageControlNetModel.from_config(config).eval()
     randomize_(model, torch.Generator().manual_seed(1), std=0.1)
     return model
