@@ -63,7 +63,10 @@ def make_depth_model(folder, kind: str = "relative"):
     config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32],
                                  reassemble_factors=[2, 1], fusion_hidden_size=16, head_hidden_size=8,
                                  depth_estimation_type=kind, max_depth=20)  # fmt: skip
-    DepthAnythingForDepthEstimation(config).eval().save_pretrained(folder)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    with torch.no_grad():  # random weights predict within ~2e-5 of 10 (metric), where float32 has ~20 levels: the
+        model.head.conv3.weight.mul_(1e5)  # map would be noise, stretched; spread the prediction out to ~1
+    model.save_pretrained(folder)
     processor = DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
                                   do_rescale=True, do_normalize=True, resample=Image.Resampling.BICUBIC)  # fmt: skip
     processor.save_pretrained(folder)
