@@ -119,6 +119,14 @@ def test_inpainting_with_a_controlnet_without_inpaint_channels_is_refused_before
         generator.generate_images(GenerationParams(prompt="x", **SIZE, image=str(shape_file), mask=str(mask),
                                                    control=str(shape_file)))  # fmt: skip
     assert err.value.field == "mask" and "control_in_dim 33" in str(err.value) and "has 16" in str(err.value)
+    # The same through the picture's transparency alone (no mask file): also refused before loading.
+    see_through = Image.open(shape_file).convert("RGBA")
+    see_through.putalpha(Image.new("L", see_through.size, 0))
+    see_through.save(tmp_path / "alpha.png")
+    with pytest.raises(ParamError) as err:
+        generator.generate_images(GenerationParams(prompt="x", **SIZE, image=str(tmp_path / "alpha.png"),
+                                                   control=str(shape_file)))  # fmt: skip
+    assert err.value.field == "mask" and "has 16" in str(err.value)
     assert generator.pipe is None
 
 

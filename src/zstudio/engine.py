@@ -157,16 +157,18 @@ class Generator:
             self.controlnet_source = control.resolve(self.controlnet_spec)
         return self.controlnet_source
 
-    def validate_control(self, params: GenerationParams) -> control.ControlInput | None:
+    def validate_control(self, params: GenerationParams, source: edit.EditInput | None = None
+                         ) -> control.ControlInput | None:  # fmt: skip
         """A request's control image, checked and fitted to its output size before any weights load (the server
-        calls this at submit time too)."""
+        calls this at submit time too). `source`, the request's checked edit, tells an inpaint through the picture's
+        transparency (no mask file) from an image-to-image."""
         if params.control is None:
             return None
         controlnet = self.resolve_controlnet()
         sized = self.profile.resolve(params)
         checked = control.validate(params, controlnet, sized.width, sized.height, settings=self.settings)
         control.check_range(params, self._steps_run(sized))
-        if params.mask or params.outpaint:  # read from its files only when an inpaint asks
+        if params.mask or params.outpaint or (source is not None and source.mask is not None):  # an inpaint: read
             control.check_inpaint_channels(controlnet.name, control.control_in_dim(controlnet))
         return checked
 
@@ -458,7 +460,7 @@ class Generator:
         source = edit.validate(params, self.profile)  # an edit's files, checked before the weights load
         if source is not None:
             params = source.params
-        control_input = self.validate_control(params)
+        control_input = self.validate_control(params, source)
         if control_input is not None:
             params = params.replace(control=str(Path(params.control).resolve()))  # remade from any folder
         self.load()

@@ -117,7 +117,7 @@ class Studio:
         checked = edit.validate(params, self.queue.generator.profile, max_input_bytes=self.inputs.max_bytes)
         if checked is not None:
             params = params.replace(width=checked.params.width, height=checked.params.height)
-        self.queue.generator.validate_control(params)  # no ControlNet, a bad file or type: refused before queueing
+        self.queue.generator.validate_control(params, checked)  # no ControlNet, a bad file or type: refused now
         return params
 
     def upscaler_names(self) -> dict[str, Path]:
