@@ -57,8 +57,7 @@ def image_pixels(image: Image.Image, device: torch.device | str = "cpu") -> torc
     """An RGB picture (sides multiples of 8) as the VAE takes it: (1, 3, H, W) float32 in [-1, 1], contiguous.
 
     The arithmetic of diffusers' `VaeImageProcessor.preprocess` (x / 255, then 2x - 1, in float32; a test holds
-    the two equal), done on `device`: a quarter of the bytes (uint8) cross to it, and the GPU does the rest (it was
-    ~20 ms of CPU per 1024x1024 control image)."""
+    the two equal), done on `device`: a quarter of the bytes (uint8) cross to it, and the GPU does the rest."""
     import torch
 
     rgb = image if image.mode == "RGB" else image.convert("RGB")

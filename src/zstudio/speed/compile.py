@@ -115,9 +115,8 @@ def compile_vae_decoder(vae) -> None:
 
 def compile_vae_encoder(vae) -> None:
     """The VAE encoder compiled with dynamic sizes, where every request uses it: with a ControlNet (each control
-    image goes through it). Eager, it took 76 ms for a 1024x1024 control image on the H100, compiled 30 ms; but
-    compiling it added 52 s to a first start and ~5 s to a later one, which text-to-image alone never gets back,
-    so edits without a ControlNet keep it eager (docs/perf-notes.md)."""
+    image goes through it). Compiling it costs start-up time that text-to-image alone never gets back, so edits
+    without a ControlNet keep it eager (measured: docs/perf-notes.md, session 9)."""
     if getattr(vae.encoder, "_compiled_call_impl", None) is None:
         vae.to(memory_format=torch.channels_last)
         vae.encoder.compile(dynamic=True, backend=BACKEND)

@@ -2,20 +2,20 @@
 
 This is diffusers' `ZImageControlNetModel.forward` (0.42, the basic single-image mode) on the same modules with the
 same arithmetic, written so that the GPU is never left waiting. A profile on the H100
-(docs/bench/2026-11-24-control-profile-probe.py) showed diffusers' forward spending 100 ms of CPU to launch 44 ms of
-GPU work for a Union 1.0 ControlNet: three boolean-mask assignments per call (`x[pad_mask] = pad_token`) each wait
-for the GPU to finish everything queued before them (`nonzero`, then `cudaStreamSynchronize`: 0.40 s of waiting per
-8-step image), which also stops the CPU from running ahead of the GPU. What differs here:
+(docs/bench/2026-11-24-control-profile-probe.py; numbers in docs/BENCHMARKS.md, session 9) showed diffusers' forward
+taking more CPU time to launch its work than the GPU took to run it: three boolean-mask assignments per call
+(`x[pad_mask] = pad_token`) each wait for the GPU to finish everything queued before them (`nonzero`, then
+`cudaStreamSynchronize`), which also stops the CPU from running ahead of the GPU. What differs here:
 
 - pad tokens go in through `torch.where`, as the transformer's own `_prepare_sequence` does;
 - no attention mask where every item of the batch has the same length, as in the transformer (an all-true mask also
   keeps SDPA off its fastest kernels);
 - each control block hands back its hint and its state instead of re-stacking every hint so far (diffusers'
-  `torch.stack([*hints, hint, c])` copies O(n²) activations: 3 ms a step for Union 2.x's 17 blocks);
+  `torch.stack([*hints, hint, c])` copies O(n²) activations);
 - every block of the ControlNet runs through one block function (`inner`, the compiled one in the fast modes);
 - where the ControlNet's noise refiner takes no hints (Union 1.0), its output is the transformer's own (the same
   modules on the same inputs), so the transformer takes it instead of running the refiners again
-  (`shared_refiners`: two blocks over the image tokens a step, ~6 ms at 1024x1024 on the H100).
+  (`shared_refiners`: two blocks over the image tokens a step).
 
 `install` puts it on a ControlNet; `uninstall` gives back diffusers' forward. Tests compare the two outputs
 (tests/test_control_speed.py), so a change in diffusers shows.
