@@ -201,6 +201,13 @@ def test_transformer_reuses_the_controlnets_refined_tokens_where_they_are_its_ow
                 control_forward.uninstall(controlnet)
         runs = 1 if layout == "1.0" else 2
         assert calls == {"noise": runs, "context": runs}
+    if layout == "1.0":  # a forward whose transformer call never came (it failed), then back to diffusers' forward:
+        control_forward.install(controlnet, ZImageTransformerBlock.forward)
+        with torch.inference_mode():
+            controlnet(latents, timestep, prompts, context, conditioning_scale=0.8)
+        assert "_zstudio_refined" in vars(controlnet)
+        control_forward.uninstall(controlnet)
+        assert "_zstudio_refined" not in vars(controlnet)  # nothing stale for the next transformer call
         assert (transformer.noise_refiner, transformer.context_refiner) == refiners  # put back
         assert "_zstudio_refined" not in vars(controlnet)
         for a, b in zip(ours, reference):

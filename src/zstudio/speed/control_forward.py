@@ -51,8 +51,11 @@ def install(controlnet, inner: Callable) -> None:
 
 
 def uninstall(module) -> None:
-    """Undo `install` on `module` and everything in it (their class's forward again)."""
+    """Undo `install` on `module` and everything in it (their class's forward again), dropping any refined tokens a
+    forward left for a transformer call that never came (a run that failed in between): diffusers' forward leaves
+    none, so `shared_refiners` would otherwise hand stale ones to the next call."""
     for block in module.modules():
+        vars(block).pop(_REFINED, None)
         if vars(block).pop(_FLAG, False):
             del block.forward
 
