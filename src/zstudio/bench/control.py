@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=float, default=0.75, help="control_scale")
+    parser.add_argument("--end", type=float, default=1.0, help="control_end: control on the steps before it")
     parser.add_argument("--speed", default=None, help="speed mode [default: the device's default]")
     parser.add_argument("--memory", default=None, help="memory mode [default: auto]")
     parser.add_argument("--device", default=None)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_s, generator = timed(build)
     picture = control_picture(width, height, Path(outputs) / "control-source.png")
     control = {"control": str(picture), "control_type": "canny", "control_preprocess": True,
-               "control_scale": args.scale}  # fmt: skip
+               "control_scale": args.scale, "control_end": args.end}  # fmt: skip
     calls = iter(range(10_000))
 
     engine_s: dict[bool, list[float]] = {False: [], True: []}
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": args.size,
         "steps": args.steps,
         "control_scale": args.scale,
+        "control_end": args.end,
         "union": args.union if args.folder == RANDOM else None,
         "controlnet_own_params_b": round(controlnet_params / 1e9, 3),
         "load_s": round(load_s, 2),
