@@ -223,3 +223,31 @@ def test_control_quality_benchmark_runs_on_the_tiny_checkpoint(tiny_dir, tmp_pat
                    "--json", str(tmp_path / "q.json")])  # fmt: skip
     assert sorted(report["psnr_db"]) == ["1.0", "2.1"]
     assert all(score > 40 for scores in report["psnr_db"].values() for score in scores)
+
+
+def test_union_1_layout_through_the_engine_draws_what_diffusers_forward_draws(tiny_dir, tmp_path, monkeypatch):
+    """A Union 1.0-layout ControlNet through the engine with zstudio's forward and shared refiners (installed as the
+    fast modes install them, compiler backend "eager") draws the picture diffusers' own forward draws."""
+    from zstudio.bench.control_quality import random_controlnet
+
+    random_controlnet("1.0", 128, torch.device("cpu"), torch.float32).save_pretrained(tmp_path / "union1")
+    picture = Image.new("RGB", (128, 128), "black")
+    ImageDraw.Draw(picture).rectangle((20, 40, 90, 100), fill="white")
+    picture.save(tmp_path / "box.png")
+    generator = Generator(model=str(tiny_dir), device="cpu", speed="exact", outputs=tmp_path,
+                          controlnet=str(tmp_path / "union1")).load()  # fmt: skip
+    params = GenerationParams(prompt="a white box", width=128, height=128, num_inference_steps=2, seed=3,
+                              control=str(tmp_path / "box.png"), control_scale=1.0)  # fmt: skip
+    reference = np.asarray(generator.generate_images(params).images[0]).astype(int)
+    monkeypatch.setattr(compile_module, "BACKEND", "eager")
+    torch._dynamo.reset()
+    try:
+        speed_up_controlnet(generator.controlnet, "fast")
+        assert generator.controlnet._zstudio_control_forward
+        ours = np.asarray(generator.generate_images(params).images[0]).astype(int)
+    finally:
+        compile_module.uncompile(generator.controlnet)
+        torch._dynamo.reset()
+    without = np.asarray(generator.generate_images(params.replace(control=None)).images[0]).astype(int)
+    assert np.abs(ours - reference).max() <= 1
+    assert np.abs(reference - without).max() > 8  # the ControlNet does change the picture
