@@ -83,9 +83,10 @@ def _mask(lengths: list[int], device: torch.device) -> torch.Tensor | None:
     return torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
 
 
-def _padded(feats: torch.Tensor, pad_masks: list[torch.Tensor], pad_token: torch.Tensor, lengths: list[int]):
-    """Pad tokens where the patchify padded (no host sync), then the items padded to one batch tensor."""
-    feats = torch.where(torch.cat(pad_masks).unsqueeze(-1), pad_token.to(feats.dtype), feats)
+def _padded(feats: torch.Tensor, pad: torch.Tensor, pad_token: torch.Tensor, lengths: list[int]):
+    """Pad tokens where the patchify padded (`pad`: its masks joined, one column; no host sync), then the items
+    padded to one batch tensor."""
+    feats = torch.where(pad, pad_token.to(feats.dtype), feats)
     return pad_sequence(list(feats.split(lengths)), batch_first=True, padding_value=0.0)
 
 
@@ -115,6 +116,7 @@ def forward(controlnet, x: list[torch.Tensor], t: torch.Tensor, cap_feats: list[
     device = x[0].device
 
     control = cn.control_all_x_embedder[key](torch.cat(cn.patchify(list(control_context), patch_size, f_patch_size)))
+    x_pad = torch.cat(x_pad).unsqueeze(-1)  # the control tokens and the image tokens share it
     control = _padded(control, x_pad, cn.x_pad_token, x_lengths)
     x = cn.all_x_embedder[key](torch.cat(x))
     adaln_input = adaln_input.type_as(x)
@@ -137,6 +139,7 @@ def forward(controlnet, x: list[torch.Tensor], t: torch.Tensor, cap_feats: list[
         if index in refiner_hints:
             x = x + refiner_hints[index]
 
+    cap_pad = torch.cat(cap_pad).unsqueeze(-1)
     cap = _padded(cn.cap_embedder(torch.cat(cap_feats)), cap_pad, cn.cap_pad_token, cap_lengths)
     cap_freqs = _rope(cn, cap_pos_ids, cap.shape[1])
     cap_mask = _mask(cap_lengths, device)
